@@ -1,0 +1,181 @@
+"""Conformance checks any plugin author can call from their own tests.
+
+    from harness.conformance import check_method, check_task
+    check_task(MyTask, variant="default")
+    check_method(MyMethod)            # on the built-in toy task (tasks.ou), smoke profile
+
+Each check raises :class:`ConformanceError` naming the first broken rule. What they check:
+
+- ``check_task``: variants are declared; training data and queries are well formed (shapes,
+  finite values, float arrays, sorted times, groups); the same seed gives the same data; the task
+  and its simulator (if any) pickle; targets are not training marginals in disguise when a query
+  says ``test``.
+- ``check_method``: the class pickles before ``fit`` (it travels to Ray workers); ``fit`` sees a
+  :class:`TrainData` only (never targets: the checker hands it a copy whose targets are poisoned);
+  ``predict`` returns one finite ``(n, d)`` array per asked time, weights of the right shape if
+  any; the same seed gives the same output; ``learned()`` is JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from harness.protocol import Marginal, Method, Prediction, Query, Task, TrainData, target_within_training
+
+
+class ConformanceError(AssertionError):
+    pass
+
+
+def _fail(msg: str) -> None:
+    raise ConformanceError(msg)
+
+
+def check_task(task_cls: type[Task], variant: str | None = None, seed: int = 0, **kwargs: Any) -> Task:
+    """Check a task family (one variant, default: the first) and return the built instance."""
+    if not task_cls.family or "/" in task_cls.family:
+        _fail(f"{task_cls.__name__}.family must be a non-empty name without '/'")
+    if not task_cls.variants:
+        _fail(f"{task_cls.__name__}.variants is empty")
+    variant = variant or task_cls.variants[0]
+    task = task_cls(variant, seed=seed, **kwargs)
+    data = task.train_data()
+    if not isinstance(data, TrainData):
+        _fail("train_data() must return a TrainData")
+    if data.family != task_cls.family:
+        _fail(f"TrainData.family is {data.family!r}, expected {task_cls.family!r}")
+    for m in data.marginals:
+        if not np.all(np.isfinite(m.x)) or (m.v is not None and not np.all(np.isfinite(m.v))):
+            _fail(f"training marginal at t={m.t} has non-finite values")
+    queries = task.queries()
+    if not queries or not all(isinstance(q, Query) for q in queries):
+        _fail("queries() must return a non-empty list of Query")
+    names = [q.name for q in queries]
+    if len(set(names)) != len(names):
+        _fail(f"query names must be unique, got {names}")
+    train_idx = {m.index for m in data.marginals}
+    for q in queries:
+        if q.start.dim != data.dim:
+            _fail(f"query {q.name!r} start has dimension {q.start.dim}, data has {data.dim}")
+        for tg in q.targets:
+            if tg.x.shape[1] != data.dim or not np.all(np.isfinite(tg.x)):
+                _fail(f"query {q.name!r}: target at t={tg.t} is malformed")
+            if tg.group == "test" and tg.index >= 0 and tg.index in train_idx and q.kind != "next_step":
+                _fail(f"query {q.name!r}: test target index {tg.index} is a training marginal")
+    again = task_cls(variant, seed=seed, **kwargs).train_data()
+    for m1, m2 in zip(data.marginals, again.marginals):
+        if not np.array_equal(m1.x, m2.x):
+            _fail("the same seed must give the same training data")
+    try:
+        pickle.loads(pickle.dumps(task))
+    except Exception as exc:
+        _fail(f"task does not pickle: {exc}")
+    sim = task.simulator()
+    if task_cls.has_simulator:
+        if sim is None:
+            _fail("has_simulator is True but simulator() returned None")
+        try:
+            sim = pickle.loads(pickle.dumps(sim))
+        except Exception as exc:
+            _fail(f"simulator does not pickle: {exc}")
+        q = queries[0]
+        out = sim(q.start, q.times[:2], seed)
+        if len(out) != min(2, len(q.times)) or np.asarray(out[0]).shape != q.start.x.shape:
+            _fail("simulator(start, times, seed) must return one (n, d) array per time")
+    return task
+
+
+def check_prediction(pred: Any, start: Marginal, times: Sequence[float], where: str = "predict") -> None:
+    if not isinstance(pred, Prediction):
+        _fail(f"{where} must return a Prediction, got {type(pred).__name__}")
+    if len(pred.samples) != len(times):
+        _fail(f"{where} returned {len(pred.samples)} sample arrays for {len(times)} times")
+    for t, s in zip(times, pred.samples):
+        if s.shape != start.x.shape:
+            _fail(f"{where} at t={t}: shape {s.shape}, expected {start.x.shape} (one row per start row)")
+        if not np.all(np.isfinite(s)):
+            _fail(f"{where} at t={t}: non-finite samples")
+    if pred.weights is not None:
+        if len(pred.weights) != len(times):
+            _fail(f"{where} returned {len(pred.weights)} weight vectors for {len(times)} times")
+        for w in pred.weights:
+            if w.shape != (start.n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                _fail(f"{where}: weights must be finite, non-negative, shape ({start.n},), not all zero")
+
+
+def _fit_predict(method_cls: type[Method], hparams: dict, data: TrainData, queries: list[Query], seed: int, task: Task):
+    m = method_cls(hparams, seed=seed, device="cpu")
+    try:
+        m = pickle.loads(pickle.dumps(m))
+    except Exception as exc:
+        _fail(f"{method_cls.__name__} does not pickle before fit: {exc}")
+    if method_cls.capabilities.requires_simulator:
+        m.attach_simulator(task.simulator())
+    m.fit(data)
+    outs = []
+    for i, q in enumerate(queries):
+        start, times = q.request()
+        if not method_cls.capabilities.uses_velocities:
+            start = start.without_velocities()
+        times = tuple(t for t in times if _askable(method_cls, data, t))
+        if not times:
+            continue
+        pred = m.predict(start, times, seed=seed * 1000 + i)
+        check_prediction(pred, start, times, f"{method_cls.__name__}.predict (query {q.name!r})")
+        outs.append(pred)
+    learned = m.learned()
+    try:
+        json.dumps(learned)
+    except TypeError as exc:
+        _fail(f"learned() must be JSON-serialisable: {exc}")
+    return outs
+
+
+def _askable(method_cls: type[Method], data: TrainData, t: float) -> bool:
+    caps = method_cls.capabilities
+    return caps.interpolate if target_within_training(t, data) else caps.forecast
+
+
+def check_method(
+    method_cls: type[Method],
+    task: Task | None = None,
+    profile: str = "smoke",
+    seed: int = 0,
+    hparams: dict | None = None,
+    check_determinism: bool = True,
+) -> None:
+    """Fit and predict ``method_cls`` on ``task`` (default: the toy OU task, paired) twice with the
+    same seed and check the protocol's rules. Uses the ``smoke`` profile unless told otherwise."""
+    if not method_cls.name:
+        _fail(f"{method_cls.__name__}.name is empty")
+    caps = method_cls.capabilities
+    if not (caps.interpolate or caps.forecast):
+        _fail(f"{method_cls.__name__} can neither interpolate nor forecast")
+    if task is None:
+        from tasks.ou import OU
+
+        task = OU("paired", seed=seed)
+    if caps.requires_simulator and task.simulator() is None:
+        _fail("the oracle needs a task with a simulator")
+    data = task.train_data()
+    hp = dict(method_cls.default_hparams(data.family, profile))
+    hp.update(hparams or {})
+    try:
+        json.dumps(hp)
+    except TypeError as exc:
+        _fail(f"default_hparams must be JSON-serialisable: {exc}")
+    queries = task.queries()
+    first = _fit_predict(method_cls, hp, data, queries, seed, task)
+    if not first:
+        _fail(f"{method_cls.__name__} answered no query of {task.name}")
+    if check_determinism:
+        second = _fit_predict(method_cls, hp, data, queries, seed, task)
+        for p1, p2 in zip(first, second):
+            for s1, s2 in zip(p1.samples, p2.samples):
+                if not np.allclose(s1, s2, rtol=1e-5, atol=1e-6):
+                    _fail(f"{method_cls.__name__}: the same seed gave different predictions")

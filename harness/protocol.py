@@ -1,0 +1,395 @@
+"""The benchmark contract: what a task gives, what a method sees, what it must return.
+
+Everything that crosses the boundary between the harness and a plugin is a NumPy array wrapped in
+one of the frozen dataclasses below. A method may use torch or JAX internally; it receives and
+returns NumPy. The harness, never the method, computes the metric (``harness.metrics``).
+
+Vocabulary (``../shared/spec/protocol.md`` section 1):
+
+- :class:`Marginal`: the population observed at one time ``t`` (positions, optional velocities).
+- :class:`TrainData`: every marginal a method may learn from.
+- :class:`Query`: one evaluation question: a start marginal, target times, and the hidden target
+  marginals with their ``train`` / ``test`` group. A method only ever sees ``query.start`` and
+  ``query.times`` (see :meth:`Query.request`).
+- :class:`Task`: a dataset plus its split; yields the training data and the queries.
+- :class:`Method`: ``fit(train_data)`` then ``predict(start, times, seed=...)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+Group = Literal["train", "test"]
+QueryKind = Literal["rollout", "next_step", "interpolate"]
+PROFILES: tuple[str, ...] = ("smoke", "quick", "paper")
+
+
+class PopbenchError(Exception):
+    """An error whose message is one clear sentence for the user (the CLI exits 2 on it)."""
+
+
+def _as_array(a: Any, name: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    arr = arr.copy()
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True)
+class Marginal:
+    """A population snapshot at time ``t``.
+
+    ``x`` has shape ``(n, d)``; ``v`` (velocities), when the task exposes them for this time, has
+    the same shape. ``index`` is the marginal's position on the task's full time grid (held-out
+    times included), so ``index`` values of training marginals may skip numbers. Arrays are
+    read-only float64 copies.
+    """
+
+    t: float
+    x: np.ndarray
+    v: np.ndarray | None = None
+    index: int = -1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "t", float(self.t))
+        object.__setattr__(self, "x", _as_array(self.x, "Marginal.x", 2))
+        if self.v is not None:
+            v = _as_array(self.v, "Marginal.v", 2)
+            if v.shape != self.x.shape:
+                raise ValueError(f"Marginal.v has shape {v.shape}, x has {self.x.shape}")
+            object.__setattr__(self, "v", v)
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def without_velocities(self) -> Marginal:
+        return Marginal(self.t, self.x, None, self.index)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Everything a method may learn from: the training marginals, sorted by time.
+
+    ``paired`` is True only when row i is the same particle at every time (the GF-SDE paired
+    variants); a method must not rely on row order otherwise. ``family`` and ``variant`` let a
+    method pick per-family hyperparameters; they carry no data.
+    """
+
+    marginals: tuple[Marginal, ...]
+    family: str
+    variant: str
+    paired: bool = False
+    time_unit: str = "index"
+
+    def __post_init__(self) -> None:
+        ms = tuple(self.marginals)
+        if len(ms) < 2:
+            raise ValueError("TrainData needs at least two marginals")
+        ts = [m.t for m in ms]
+        if any(b <= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"training marginals must have strictly increasing times, got {ts}")
+        dims = {m.dim for m in ms}
+        if len(dims) != 1:
+            raise ValueError(f"training marginals have different dimensions {sorted(dims)}")
+        object.__setattr__(self, "marginals", ms)
+
+    @property
+    def times(self) -> np.ndarray:
+        return np.array([m.t for m in self.marginals])
+
+    @property
+    def dim(self) -> int:
+        return self.marginals[0].dim
+
+    @property
+    def t_min(self) -> float:
+        return self.marginals[0].t
+
+    @property
+    def t_max(self) -> float:
+        return self.marginals[-1].t
+
+
+@dataclass(frozen=True)
+class Target:
+    """A hidden true marginal the harness scores a prediction against."""
+
+    t: float
+    x: np.ndarray
+    group: Group
+    index: int = -1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "t", float(self.t))
+        object.__setattr__(self, "x", _as_array(self.x, "Target.x", 2))
+        if self.group not in ("train", "test"):
+            raise ValueError(f"Target.group must be 'train' or 'test', got {self.group!r}")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One evaluation question (protocol.md section 2).
+
+    ``name`` identifies the query inside its task variant (``"rollout"``, ``"next-step"``,
+    ``"holdout-3"``, ...). The method receives only :meth:`request`: the start marginal and the
+    target times, never the targets.
+    """
+
+    name: str
+    kind: QueryKind
+    start: Marginal
+    targets: tuple[Target, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError(f"query {self.name!r} has no targets")
+        ts = [tg.t for tg in self.targets]
+        if any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] <= self.start.t:
+            raise ValueError(f"query {self.name!r}: target times must increase after the start time")
+
+    @property
+    def times(self) -> tuple[float, ...]:
+        return tuple(tg.t for tg in self.targets)
+
+    def request(self) -> tuple[Marginal, tuple[float, ...]]:
+        """What a method is allowed to see: ``(start, times)``."""
+        return self.start, self.times
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A method's answer: one ``(n, d)`` sample array per target time (n = start rows), and
+    optionally one non-negative weight vector per time (e.g. UAM); weights are normalised by the
+    harness when it scores."""
+
+    samples: tuple[np.ndarray, ...]
+    weights: tuple[np.ndarray, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", tuple(np.asarray(s, dtype=np.float64) for s in self.samples))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(np.asarray(w, dtype=np.float64) for w in self.weights))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares it can do and needs. The harness never asks a method for what it
+    declares it cannot do (the tables show "—" there).
+
+    - ``interpolate``: targets inside the training time range.
+    - ``forecast``: targets beyond the last training time.
+    - ``uses_velocities``: may read ``Marginal.v`` (the report marks such rows).
+    - ``framework``: ``"numpy"``, ``"torch"`` or ``"jax"``; decides the extra to install.
+    - ``num_gpus``: GPUs to request from Ray when the cluster has them (0 = CPU only).
+    - ``requires_simulator``: the method is the ``oracle`` and needs the task's true simulator.
+    - ``stochastic``: predictions depend on the ``seed`` passed to ``predict``.
+    """
+
+    interpolate: bool = True
+    forecast: bool = True
+    uses_velocities: bool = False
+    framework: str = "numpy"
+    num_gpus: float = 0.0
+    requires_simulator: bool = False
+    stochastic: bool = False
+
+    @property
+    def extra(self) -> str | None:
+        return {"torch": "torch", "jax": "jax"}.get(self.framework)
+
+
+Simulator = Callable[[Marginal, Sequence[float], int], list]
+"""A task's true process: ``simulate(start, times, seed) -> [x_t for t in times]``."""
+
+
+def resolve_hparams(table: Mapping[str, Mapping[str, Mapping[str, Any]]], family: str, profile: str) -> dict:
+    """Look up ``table[profile][family]``, falling back to ``table[profile]["default"]``.
+
+    Method modules keep one such table at the top (``HPARAMS``) so that every setting of every
+    profile is readable in one place.
+    """
+    if profile not in table:
+        raise PopbenchError(f"unknown profile {profile!r}; choose one of {', '.join(table)}")
+    per_family = table[profile]
+    if family in per_family:
+        return dict(per_family[family])
+    if "default" in per_family:
+        return dict(per_family["default"])
+    raise PopbenchError(f"no {profile!r} hyperparameters for task family {family!r}")
+
+
+class Method(abc.ABC):
+    """Base class of every method.
+
+    Subclasses set ``name`` and ``capabilities``, keep their per-profile settings in a module-level
+    table returned by :meth:`default_hparams`, and implement :meth:`fit` and :meth:`predict`.
+    Instances must be picklable before ``fit`` (they travel to Ray workers).
+
+    ``device`` is chosen by the harness: ``"cpu"`` or ``"cuda"``. ``seed`` drives initialisation and
+    minibatches; ``predict`` receives its own ``seed`` for query noise.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, hparams: Mapping[str, Any] | None = None, *, seed: int = 0, device: str = "cpu"):
+        self.hparams: dict[str, Any] = dict(hparams or {})
+        self.seed = int(seed)
+        self.device = device
+
+    @classmethod
+    def default_hparams(cls, family: str, profile: str) -> dict[str, Any]:
+        """The resolved settings for a task family and a profile (``smoke``/``quick``/``paper``)."""
+        return {}
+
+    @abc.abstractmethod
+    def fit(self, data: TrainData) -> None:
+        """Learn from the training marginals (nothing else)."""
+
+    @abc.abstractmethod
+    def predict(self, start: Marginal, times: Sequence[float], *, seed: int) -> Prediction:
+        """Push ``start`` forward; return one sample array (one row per start row) per time."""
+
+    def learned(self) -> dict[str, Any]:
+        """Learned scalars and small curves worth a result row (γ, β, σ², loss curve, ...).
+        Values must be JSON-serialisable (floats, lists of floats, strings)."""
+        return {}
+
+    def attach_simulator(self, simulator: Simulator) -> None:
+        """Only called for methods with ``capabilities.requires_simulator`` (the oracle)."""
+        raise NotImplementedError
+
+    @property
+    def used_velocities(self) -> bool:
+        """Whether this configured instance reads velocities (defaults to the capability)."""
+        return self.capabilities.uses_velocities
+
+
+@dataclass(frozen=True)
+class TableColumn:
+    """How a task family's result table names one column: the column key (``train_w1``,
+    ``w1_holdout_3``, ...), the group of variants it averages over (``paired``/``unpaired`` for the
+    GF-SDEs, ``""`` otherwise), and the paper's variant name for ``--compare paper``."""
+
+    group: str
+    key: str
+    paper_variant: str | None = None
+
+
+class Task(abc.ABC):
+    """Base class of a task family. An instance is one variant with one seed.
+
+    Subclasses set ``family``, ``variants`` (a tuple of variant names, without the family prefix),
+    ``has_simulator`` and ``data_files`` (names in ``harness.data``'s registry) as class
+    attributes, so listing them imports nothing heavy.
+    """
+
+    family: ClassVar[str] = ""
+    variants: ClassVar[tuple[str, ...]] = ()
+    has_simulator: ClassVar[bool] = False
+    data_files: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def __init__(self, variant: str, *, seed: int = 0, data_dir: str | None = None):
+        if variant not in self.variants:
+            raise PopbenchError(
+                f"task family {self.family!r} has no variant {variant!r}; "
+                f"its variants are {', '.join(self.variants)}"
+            )
+        self.variant = variant
+        self.seed = int(seed)
+        self.data_dir = data_dir
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.variant}"
+
+    @classmethod
+    def variant_data_files(cls, variant: str) -> tuple[str, ...]:
+        """Data files this variant needs (defaults to the family's)."""
+        return cls.data_files
+
+    @abc.abstractmethod
+    def train_data(self) -> TrainData:
+        """The training marginals (all a method may see)."""
+
+    @abc.abstractmethod
+    def queries(self) -> list[Query]:
+        """The evaluation questions, with their hidden targets."""
+
+    def simulator(self) -> Simulator | None:
+        """The true process for the ``oracle`` row (picklable), or None for real data."""
+        return None
+
+    def summarize(self, query: Query, w1: Sequence[float]) -> dict[TableColumn, float]:
+        """Table cells of one query from its per-target W1 (same order as ``query.targets``).
+
+        Default: a rollout gives ``train_w1`` (mean over train-group targets) and ``forecast_w1``
+        (mean over test-group targets); any other query gives ``w1_<query.name>``.
+        """
+        w = np.asarray(w1, dtype=float)
+        if query.kind == "rollout":
+            groups = np.array([tg.group for tg in query.targets])
+            out: dict[TableColumn, float] = {}
+            for g, key in (("train", "train_w1"), ("test", "forecast_w1")):
+                sel = w[groups == g]
+                if sel.size and np.all(np.isfinite(sel)):
+                    out[TableColumn("", key)] = float(sel.mean())
+            return out
+        return {TableColumn("", f"w1_{query.name}"): float(w.mean())}
+
+    def extra_columns(self, cells: Mapping[TableColumn, float]) -> dict[TableColumn, float]:
+        """Columns derived from all of one job's cells (e.g. the mean over holdouts)."""
+        return {}
+
+
+def is_finite_prediction(pred: Prediction) -> bool:
+    return all(np.all(np.isfinite(s)) for s in pred.samples) and (
+        pred.weights is None or all(np.all(np.isfinite(w)) for w in pred.weights)
+    )
+
+
+def target_within_training(t: float, data: TrainData, tol: float = 1e-9) -> bool:
+    """True when ``t`` lies inside the training time range (an interpolation target)."""
+    return data.t_min - tol <= t <= data.t_max + tol
+
+
+def nan_safe_mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+__all__ = [
+    "PROFILES",
+    "Capabilities",
+    "Group",
+    "Marginal",
+    "Method",
+    "PopbenchError",
+    "Prediction",
+    "Query",
+    "QueryKind",
+    "Simulator",
+    "TableColumn",
+    "Target",
+    "Task",
+    "TrainData",
+    "is_finite_prediction",
+    "resolve_hparams",
+    "target_within_training",
+    "field",
+]

@@ -163,7 +163,7 @@ def check_method(
     if caps.requires_simulator and task.simulator() is None:
         _fail("the oracle needs a task with a simulator")
     data = task.train_data()
-    hp = dict(method_cls.default_hparams(data.family, profile))
+    hp = dict(method_cls.default_hparams(task.name, profile))
     hp.update(hparams or {})
     try:
         json.dumps(hp)

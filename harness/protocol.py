@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -216,20 +216,21 @@ Simulator = Callable[[Marginal, Sequence[float], int], list]
 """A task's true process: ``simulate(start, times, seed) -> [x_t for t in times]``."""
 
 
-def resolve_hparams(table: Mapping[str, Mapping[str, Mapping[str, Any]]], family: str, profile: str) -> dict:
-    """Look up ``table[profile][family]``, falling back to ``table[profile]["default"]``.
+def resolve_hparams(table: Mapping[str, Mapping[str, Mapping[str, Any]]], task: str, profile: str) -> dict:
+    """Look up a method's settings for a task (``"family/variant"``) and a profile.
 
-    Method modules keep one such table at the top (``HPARAMS``) so that every setting of every
-    profile is readable in one place.
+    Tries ``table[profile]["family/variant"]``, then ``table[profile]["family"]``, then
+    ``table[profile]["default"]``. Method modules keep one such table at the top (``HPARAMS``) so
+    that every setting of every profile is readable in one place.
     """
     if profile not in table:
         raise PopbenchError(f"unknown profile {profile!r}; choose one of {', '.join(table)}")
-    per_family = table[profile]
-    if family in per_family:
-        return dict(per_family[family])
-    if "default" in per_family:
-        return dict(per_family["default"])
-    raise PopbenchError(f"no {profile!r} hyperparameters for task family {family!r}")
+    per_task = table[profile]
+    family = task.split("/", 1)[0]
+    for key in (task, family, "default"):
+        if key in per_task:
+            return dict(per_task[key])
+    raise PopbenchError(f"no {profile!r} hyperparameters for task {task!r}")
 
 
 class Method(abc.ABC):
@@ -252,8 +253,9 @@ class Method(abc.ABC):
         self.device = device
 
     @classmethod
-    def default_hparams(cls, family: str, profile: str) -> dict[str, Any]:
-        """The resolved settings for a task family and a profile (``smoke``/``quick``/``paper``)."""
+    def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
+        """The resolved settings for a task (``"family/variant"``) and a profile
+        (``smoke``/``quick``/``paper``); usually ``resolve_hparams(HPARAMS, task, profile)``."""
         return {}
 
     @abc.abstractmethod
@@ -303,6 +305,10 @@ class Task(abc.ABC):
     has_simulator: ClassVar[bool] = False
     data_files: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    paper_table: ClassVar[dict[str, tuple[int, str]]] = {}
+    """Family-level comparison with the paper: column group -> (paper table number, paper variant
+    name in ``paper_results.csv``), e.g. ``{"paired": (1, "mean-of-5/paired")}``. Empty when the
+    family has no published counterpart (the ``eb300`` stand-in, the toy task)."""
 
     def __init__(self, variant: str, *, seed: int = 0, data_dir: str | None = None):
         if variant not in self.variants:
@@ -391,5 +397,4 @@ __all__ = [
     "is_finite_prediction",
     "resolve_hparams",
     "target_within_training",
-    "field",
 ]

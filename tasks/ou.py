@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.protocol import Marginal, Query, Target, Task, TrainData
+from harness.protocol import Marginal, Query, TableColumn, Target, Task, TrainData
 
 THETA = 1.0
 SIGMA = 0.5
@@ -103,6 +103,11 @@ class OU(Task):
             Target(DT * k, xs[k], "train" if k < N_TRAIN else "test", index=k) for k in range(1, N_TIMES)
         ]
         return [Query("rollout", "rollout", start, tuple(targets))]
+
+    def summarize(self, query: Query, w1) -> dict:
+        """Train / Forecast W1 of the rollout, in a column group per variant (paired, unpaired)."""
+        cells = super().summarize(query, w1)
+        return {TableColumn(self.variant, c.key): v for c, v in cells.items()}
 
     def simulator(self) -> OUSimulator:
         return OUSimulator()

@@ -1,0 +1,286 @@
+"""Command line: ``python run_all.py`` (or the ``popbench`` console script).
+
+    python run_all.py --tasks vortex --methods wlm,jkonet_star          # run a sweep, print tables
+    python run_all.py --list                                            # what can run, what it needs
+    python run_all.py report results/runs/quick --compare paper          # re-render a stored run
+    python run_all.py fetch-data                                        # download + verify data files
+    python run_all.py plot --tasks boids                                # PNG of a task's marginals
+
+Bad input (unknown name, empty selection, a method asked for what it cannot do, a missing data
+file) exits with code 2 and one sentence; a sweep in which any job failed exits with code 1.
+This module imports neither torch, JAX nor Ray: they load only inside the jobs that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.protocol import PROFILES, PopbenchError
+
+DEFAULT_TASKS = "vortex/interpolation"
+DEFAULT_METHODS = "static,velocity_extrapolation,wlm"
+DEFAULT_PROFILE = "quick"
+COMMANDS = ("report", "fetch-data", "plot", "list")
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_all.py",
+        description="popbench: run methods on population-dynamics tasks and print exact-W1 tables. "
+        f"Other commands: {', '.join(COMMANDS)} (e.g. `run_all.py report --help`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help="task families, family/variant names or globs, comma-separated (e.g. gf_sde/*-unpaired)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="method names, globs or package.module:Class references, comma-separated")
+    p.add_argument("--suite", default=None, help="a named suite (table1..table4); sets --tasks/--methods")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES, help="hyperparameter budget")
+    p.add_argument("--seeds", default="0", help="seeds: 0,1,2 or 0-2")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="override a hyperparameter (JSON value), for one method or all")
+    p.add_argument("--executor", default=None, choices=("serial", "ray"),
+                   help="serial (default for one worker) or ray (default for more)")
+    p.add_argument("--workers", type=int, default=1, help="parallel jobs (Ray)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (implies --executor ray)")
+    p.add_argument("--timeout", type=float, default=None, help="per-job timeout in seconds (the job is killed)")
+    p.add_argument("--out", default=None, help="run directory (default results/runs/<name>)")
+    p.add_argument("--name", default=None, help="run name (default: the profile)")
+    p.add_argument("--data-dir", default=None, help="where data files live (else $POPBENCH_DATA_DIR, then the cache)")
+    p.add_argument("--force", action="store_true", help="rerun jobs that already have ok rows")
+    p.add_argument("--compare", choices=("paper",), default=None, help="show the paper's numbers beside ours")
+    p.add_argument("--list", action="store_true", help="list tasks and methods with capabilities and extras")
+    p.add_argument("--dry-run", action="store_true", help="print the job matrix and what is done, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_all.py report", description="Re-render tables from a stored run.")
+    p.add_argument("run_dir", help="a run directory (with rows.jsonl)")
+    p.add_argument("--tasks", default=None, help="only these task families/variants")
+    p.add_argument("--methods", default=None, help="only these methods")
+    p.add_argument("--profile", default=None, choices=PROFILES)
+    p.add_argument("--compare", choices=("paper",), default=None)
+    p.add_argument("--out", default=None, help="where to write tables (default <run_dir>/tables)")
+    return p
+
+
+def _fetch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_all.py fetch-data", description="Download and verify data files.")
+    p.add_argument("names", nargs="*", help="file names from the data registry (default: all)")
+    p.add_argument("--data-dir", default=None)
+    return p
+
+
+def _plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_all.py plot",
+                                description="Plot a task's marginals over time (and, with --run, methods' rollouts).")
+    p.add_argument("--tasks", required=True, help="task families or family/variant names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="results/figures", help="output directory for PNG files")
+    p.add_argument("--methods", default=None, help="also plot these methods' rollouts (refits at --profile)")
+    p.add_argument("--profile", default="smoke", choices=PROFILES)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_list(out=sys.stdout) -> int:
+    from tabulate import tabulate
+
+    from harness import registry
+
+    rows = []
+    for name in registry.methods.names():
+        try:
+            cls = registry.methods.load(name)
+        except PopbenchError as exc:
+            rows.append([name, "?", "?", "?", "?", f"broken: {exc}"])
+            continue
+        c = cls.capabilities
+        e = registry.methods.entry(name)
+        rows.append([name, "yes" if c.interpolate else "no", "yes" if c.forecast else "no",
+                     "yes" if c.uses_velocities else "no", c.framework,
+                     (f"popbench[{c.extra}]" if c.extra else "-") + ("" if e.source == "builtin" else f" ({e.source})")])
+    print("Methods", file=out)
+    print(tabulate(rows, headers=["name", "interpolate", "forecast", "velocities", "framework", "needs"],
+                   tablefmt="github"), file=out)
+    rows = []
+    for fam in registry.tasks.names():
+        try:
+            cls = registry.tasks.load(fam)
+        except PopbenchError as exc:
+            rows.append([fam, "?", "?", f"broken: {exc}"])
+            continue
+        rows.append([fam, ", ".join(cls.variants), "yes" if cls.has_simulator else "no",
+                     ", ".join(cls.data_files) or "-", cls.description])
+    print("\nTasks", file=out)
+    print(tabulate(rows, headers=["family", "variants", "oracle", "data files", "description"],
+                   tablefmt="github"), file=out)
+    return 0
+
+
+def _paper_tables(families) -> dict:
+    from harness import registry
+
+    out = {}
+    for f in families:
+        try:
+            out[f] = dict(registry.tasks.load(f).paper_table)
+        except PopbenchError:
+            out[f] = {}
+    return out
+
+
+def _method_order(methods_selected: Sequence[str]) -> list[str]:
+    from harness import registry
+
+    return [*methods_selected, *[m for m in registry.BUILTIN_METHODS if m not in methods_selected]]
+
+
+def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, stream=sys.stdout) -> None:
+    from harness.reports import write_report
+    from harness.sweep import hardware_summary
+
+    families = list(dict.fromkeys(r["task"] for r in job_rows))
+    tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
+                          profile=profile, hardware=hardware_summary(), paper_tables=_paper_tables(families))
+    for t in tables:
+        print("\n" + t.markdown(), file=stream)
+    print(f"Tables (Markdown, LaTeX, CSV) written to {out_dir}", file=stream)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.store import RunStore
+    from harness.sweep import default_run_dir, parse_overrides, parse_seeds, plan_jobs, run_plan
+
+    if args.suite:
+        from harness.suites import apply_suite
+
+        apply_suite(args)
+    if args.data_dir:
+        os.environ["POPBENCH_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    seeds = parse_seeds(args.seeds)
+    plan = plan_jobs(args.tasks, args.methods, args.profile, seeds, parse_overrides(args.overrides), args.data_dir)
+    run_dir = Path(args.out) if args.out else default_run_dir(args.name, args.profile)
+    store = RunStore(run_dir)
+    for s in plan.skipped_pairs:
+        print(f"note: not offered: {s}", file=sys.stderr)
+    if args.dry_run:
+        from tabulate import tabulate
+
+        done = store.done_job_ids()
+        rows = [[j.task, j.method, j.profile, j.seed, j.hparams_hash, "done" if j.job_id in done else "todo"]
+                for j in plan.jobs]
+        print(tabulate(rows, headers=["task", "method", "profile", "seed", "hparams", "state"], tablefmt="github"))
+        n_todo = sum(r[-1] == "todo" for r in rows)
+        print(f"\n{len(rows)} jobs, {len(rows) - n_todo} done, {n_todo} to run; run directory {run_dir}")
+        return 0
+    executor = args.executor or ("ray" if (args.workers > 1 or args.address) else "serial")
+    store.record_invocation({"argv": sys.argv[1:], "tasks": args.tasks, "methods": args.methods,
+                             "profile": args.profile, "seeds": seeds, "executor": executor,
+                             "workers": args.workers, "timeout": args.timeout})
+    latest = run_plan(plan, store, executor=executor, workers=args.workers, address=args.address,
+                      timeout=args.timeout, force=args.force, progress=not args.no_progress)
+    job_rows = list(latest.values())
+    ids = {(r["job_id"], r["attempt_id"]) for r in job_rows}
+    target_rows = [r for r in store.read_rows() if r.get("row_type") == "target"
+                   and (r["job_id"], r["attempt_id"]) in ids]
+    render(job_rows, target_rows, run_dir / "tables", compare=args.compare,
+           method_order=_method_order([m for m in dict.fromkeys(j.method for j in plan.jobs)]),
+           profile=args.profile)
+    bad = [r for r in job_rows if r.get("status") != "ok"]
+    for r in bad:
+        print(f"{r['status']}: {r['method']} on {r['task']}/{r['variant']} seed {r['seed']}: {r.get('error')}",
+              file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} of {len(job_rows)} jobs did not finish ok (rows in {store.rows_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from harness import registry
+    from harness.store import RunStore
+
+    args = _report_parser().parse_args(argv)
+    store = RunStore(args.run_dir)
+    if not store.rows_path.exists():
+        raise PopbenchError(f"{args.run_dir} has no rows.jsonl: not a popbench run directory")
+    rows = store.rows_of_latest_attempts()
+    if args.tasks:
+        pairs = set(registry.expand_tasks(args.tasks))
+        rows = [r for r in rows if (r["task"], r["variant"]) in pairs]
+    if args.methods:
+        names = set(registry.methods.expand(args.methods))
+        rows = [r for r in rows if r["method"] in names]
+    if args.profile:
+        rows = [r for r in rows if r["profile"] == args.profile]
+    job_rows = [r for r in rows if r.get("row_type") == "job"]
+    if not job_rows:
+        raise PopbenchError(f"no result rows in {args.run_dir} match the selection")
+    profiles = sorted({r["profile"] for r in job_rows})
+    render(job_rows, [r for r in rows if r.get("row_type") == "target"],
+           Path(args.out) if args.out else Path(args.run_dir) / "tables", compare=args.compare,
+           method_order=_method_order(list(dict.fromkeys(r["method"] for r in job_rows))),
+           profile="/".join(profiles))
+    return 0
+
+
+def cmd_fetch(argv: Sequence[str]) -> int:
+    from harness import data
+
+    args = _fetch_parser().parse_args(argv)
+    paths = data.fetch(args.names or None, data_dir=args.data_dir)
+    for p in paths:
+        print(f"ok  {p}")
+    return 0
+
+
+def cmd_plot(argv: Sequence[str]) -> int:
+    from harness import plots, registry
+
+    args = _plot_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for family, variant in registry.expand_tasks(args.tasks):
+        task = registry.tasks.load(family)(variant, seed=args.seed, data_dir=args.data_dir)
+        path = out / f"{family}_{variant}_marginals.png"
+        plots.plot_marginals(task, path)
+        print(f"wrote {path}")
+        if args.methods:
+            path = out / f"{family}_{variant}_rollouts_{args.profile}.png"
+            plots.plot_task_rollouts(task, registry.methods.expand(args.methods), args.profile, path, seed=args.seed)
+            print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            cmd, rest = argv[0], argv[1:]
+            if cmd == "list":
+                return cmd_list()
+            return {"report": cmd_report, "fetch-data": cmd_fetch, "plot": cmd_plot}[cmd](rest)
+        args = _sweep_parser().parse_args(argv)
+        if args.list:
+            return cmd_list()
+        return cmd_sweep(args)
+    except PopbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished jobs are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

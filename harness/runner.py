@@ -1,0 +1,422 @@
+"""Jobs and executors.
+
+A :class:`Job` is (task variant, method, profile, seed) plus its resolved hyperparameters.
+:func:`run_job` executes one job wherever it lands (this process, a child process, a Ray worker):
+build the task, fit the method on the training data, answer every query the method can answer,
+score each target with exact W1 (plus W2 and energy MMD) on the CPU, and return result rows. It
+never raises for a method's fault: a raising method gives a ``failed`` row, non-finite samples a
+``diverged`` row, each with the reason and the traceback.
+
+Executors run a list of jobs and hand each finished job's rows to a callback (the store):
+
+- :class:`SerialExecutor`: in this process, one job after the other (debuggable with pdb). With a
+  timeout, each job runs in a fresh child process that is killed when its time is up.
+- :class:`RayExecutor`: jobs as Ray tasks, at most ``workers`` in flight, one CPU each. Jobs whose
+  method declares ``num_gpus`` ask Ray for GPUs when the cluster has them and fall back to the CPU
+  with a warning when it has none (a GPU request on a GPU-less cluster would wait forever). CPU jobs
+  get ``JAX_PLATFORMS=cpu`` and an empty ``CUDA_VISIBLE_DEVICES``; GPU jobs get
+  ``XLA_PYTHON_CLIENT_PREALLOCATE=false``. A job past its timeout is cancelled with
+  ``ray.cancel(force=True)``, which kills its worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.protocol import (
+    Marginal,
+    PopbenchError,
+    Prediction,
+    TableColumn,
+    target_within_training,
+)
+
+CPU_ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def hparams_hash(hp: dict) -> str:
+    return hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Job:
+    family: str
+    variant: str
+    method: str
+    profile: str
+    seed: int
+    hparams: dict = field(default_factory=dict, compare=False, hash=False)
+    data_dir: str | None = field(default=None, compare=False, hash=False)
+    num_gpus: float = field(default=0.0, compare=False, hash=False)
+    framework: str = field(default="numpy", compare=False, hash=False)
+
+    @property
+    def task(self) -> str:
+        return f"{self.family}/{self.variant}"
+
+    @property
+    def hparams_hash(self) -> str:
+        return hparams_hash(self.hparams)
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.task}|{self.method}|{self.profile}|seed={self.seed}|{self.hparams_hash}"
+
+    def describe(self) -> str:
+        return f"{self.method} on {self.task} ({self.profile}, seed {self.seed})"
+
+
+class DivergedError(RuntimeError):
+    """The method returned non-finite samples or weights."""
+
+
+def _set_threads(num_threads: int) -> None:
+    """Ray sets OMP_NUM_THREADS per task, but a reused worker keeps torch's first thread count."""
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+
+
+def _peak_mem_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _check_prediction(pred: Any, start: Marginal, times: Sequence[float]) -> Prediction:
+    if not isinstance(pred, Prediction):
+        raise TypeError(f"predict returned {type(pred).__name__}, expected harness.protocol.Prediction")
+    if len(pred.samples) != len(times):
+        raise ValueError(f"predict returned {len(pred.samples)} sample arrays for {len(times)} times")
+    for t, s in zip(times, pred.samples):
+        if s.shape != start.x.shape:
+            raise ValueError(f"predict at t={t}: shape {s.shape}, expected {start.x.shape}")
+    finite = all(np.all(np.isfinite(s)) for s in pred.samples)
+    if pred.weights is not None:
+        if len(pred.weights) != len(times) or any(w.shape != (start.n,) for w in pred.weights):
+            raise ValueError("predict returned weights of the wrong shape")
+        finite = finite and all(np.all(np.isfinite(w)) for w in pred.weights)
+        if finite and any(np.any(w < 0) or w.sum() <= 0 for w in pred.weights):
+            raise ValueError("predict returned negative or all-zero weights")
+    if not finite:
+        raise DivergedError("the method returned non-finite samples")
+    return pred
+
+
+def _split_learned(learned: dict) -> tuple[dict, dict]:
+    """Scalars go into the row; lists (curves) go into the job's artifact file."""
+    scalars, curves = {}, {}
+    for k, v in (learned or {}).items():
+        if isinstance(v, (list, tuple, np.ndarray)):
+            curves[k] = v
+        else:
+            scalars[k] = v
+    return scalars, curves
+
+
+def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
+    """Run one job and return ``{"job": job_row, "targets": [target rows], "curves": {...}}``.
+
+    Never raises for a failure of the task or the method: it returns a row with the status.
+    """
+    from harness import metrics, registry
+
+    _set_threads(num_threads)
+    started = time.time()
+    base = {
+        "job_id": job.job_id,
+        "attempt_id": uuid.uuid4().hex[:12],
+        "task": job.family,
+        "variant": job.variant,
+        "method": job.method,
+        "profile": job.profile,
+        "seed": job.seed,
+        "hparams": job.hparams,
+        "hparams_hash": job.hparams_hash,
+        "device": device,
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+    }
+    job_row: dict[str, Any] = {**base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
+    target_rows: list[dict] = []
+    curves: dict = {}
+    phase = "setup"
+    fit_s = predict_s = 0.0
+    try:
+        task_cls = registry.tasks.load(job.family)
+        method_cls = registry.methods.load(job.method)
+        task = task_cls(job.variant, seed=job.seed, data_dir=job.data_dir)
+        phase = "data"
+        data = task.train_data()
+        queries = task.queries()
+        method = method_cls(job.hparams, seed=job.seed, device=device)
+        caps = method_cls.capabilities
+        if caps.requires_simulator:
+            sim = task.simulator()
+            if sim is None:
+                raise PopbenchError(f"{job.method} needs a simulator and {job.task} has none")
+            method.attach_simulator(sim)
+        _set_threads(num_threads)  # the method's imports may have reset it
+        phase = "fit"
+        t0 = time.perf_counter()
+        method.fit(data)
+        fit_s = time.perf_counter() - t0
+        cells: dict[TableColumn, float] = {}
+        phase = "predict"
+        for qi, q in enumerate(queries):
+            start, times = q.request()
+            if not caps.uses_velocities:
+                start = start.without_velocities()
+            ask = [
+                (caps.interpolate if target_within_training(t, data) else caps.forecast) for t in times
+            ]
+            asked_times = [t for t, a in zip(times, ask) if a]
+            qseed = int(np.random.SeedSequence([job.seed, qi]).generate_state(1)[0])
+            pred = None
+            if asked_times:
+                t0 = time.perf_counter()
+                pred = _check_prediction(method.predict(start, asked_times, seed=qseed), start, asked_times)
+                predict_s += time.perf_counter() - t0
+            w1s: list[float] = []
+            k = 0
+            phase = "score"
+            for tg, a in zip(q.targets, ask):
+                row = {
+                    **base,
+                    "row_type": "target",
+                    "query": q.name,
+                    "query_kind": q.kind,
+                    "group": tg.group,
+                    "t": tg.t,
+                    "index": tg.index,
+                    "status": "ok",
+                }
+                if a:
+                    weights = pred.weights[k] if pred.weights is not None else None
+                    row.update(metrics.all_metrics(pred.samples[k], tg.x, weights))
+                    row["weighted"] = weights is not None
+                    k += 1
+                    w1s.append(row["w1"])
+                else:
+                    row.update({"w1": None, "w2": None, "mmd": None, "status": "skipped",
+                                "error": "the method cannot " + ("interpolate" if target_within_training(tg.t, data) else "forecast")})
+                    w1s.append(math.nan)
+                target_rows.append(row)
+            phase = "predict"
+            cells.update(task.summarize(q, w1s))
+        cells.update(task.extra_columns(cells))
+        job_row["cells"] = [
+            {"group": c.group, "key": c.key, "paper_variant": c.paper_variant, "value": v}
+            for c, v in cells.items()
+            if v is not None and math.isfinite(v)
+        ]
+        scalars, curves = _split_learned(method.learned())
+        job_row["learned"] = scalars
+        job_row["used_velocities"] = bool(method.used_velocities)
+    except DivergedError as exc:
+        job_row.update(status="diverged", error=str(exc), traceback=traceback.format_exc())
+        target_rows = []
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+        msg = f"{type(exc).__name__} during {phase}: {exc}"
+        job_row.update(status="failed", error=msg, traceback=traceback.format_exc())
+        target_rows = []
+    job_row.update(
+        fit_s=fit_s,
+        predict_s=predict_s,
+        wall_s=time.time() - started,
+        peak_mem_mb=_peak_mem_mb(),
+        finished_at=time.time(),
+    )
+    if device.startswith("cuda") and "torch" in sys.modules:
+        try:
+            import torch
+
+            job_row["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        except Exception:
+            pass
+    return {"job": job_row, "targets": target_rows, "curves": curves}
+
+
+def failure_result(job: Job, status: str, error: str, tb: str | None = None, device: str = "cpu") -> dict:
+    """A result for a job that never returned (timeout, dead worker)."""
+    row = {
+        "job_id": job.job_id,
+        "attempt_id": uuid.uuid4().hex[:12],
+        "row_type": "job",
+        "task": job.family,
+        "variant": job.variant,
+        "method": job.method,
+        "profile": job.profile,
+        "seed": job.seed,
+        "hparams": job.hparams,
+        "hparams_hash": job.hparams_hash,
+        "device": device,
+        "status": status,
+        "error": error,
+        "traceback": tb,
+        "finished_at": time.time(),
+    }
+    return {"job": row, "targets": [], "curves": {}}
+
+
+OnResult = Callable[[Job, dict], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Serial executor
+
+
+def _child_main(job: Job, conn) -> None:  # runs in a spawned child process
+    os.environ.update(CPU_ENV)
+    try:
+        conn.send(run_job(job, num_threads=int(os.environ.get("POPBENCH_THREADS", "1"))))
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(failure_result(job, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class SerialExecutor:
+    """One job at a time. In this process, or in a killable child process when ``timeout`` is set."""
+
+    name = "serial"
+
+    def __init__(self, timeout: float | None = None, num_threads: int | None = None):
+        self.timeout = timeout
+        self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+
+    def run(self, jobs: Sequence[Job], on_result: OnResult) -> None:
+        for job in jobs:
+            if self.timeout is None:
+                os.environ.update(CPU_ENV)
+                on_result(job, run_job(job, num_threads=self.num_threads))
+            else:
+                on_result(job, self._run_in_child(job))
+
+    def _run_in_child(self, job: Job) -> dict:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        os.environ["POPBENCH_THREADS"] = str(self.num_threads)
+        proc = ctx.Process(target=_child_main, args=(job, child), daemon=True)
+        proc.start()
+        child.close()
+        deadline = time.monotonic() + self.timeout
+        result = None
+        while time.monotonic() < deadline:
+            if parent.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
+                try:
+                    result = parent.recv()
+                except EOFError:
+                    result = None
+                break
+            if not proc.is_alive() and not parent.poll(0):
+                break
+        if result is None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
+            return failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout")
+        proc.join(5)
+        if result is None:
+            return failure_result(job, "failed", f"the job's process died (exit code {proc.exitcode})")
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Ray executor
+
+
+def _ray_job(job: Job, device: str) -> dict:
+    return run_job(job, num_threads=1, device=device)
+
+
+class RayExecutor:
+    """Jobs as Ray tasks (``--executor ray``); ``address`` joins an existing cluster."""
+
+    name = "ray"
+
+    def __init__(self, workers: int = 2, address: str | None = None, timeout: float | None = None, ray_init: dict | None = None):
+        self.workers = workers
+        self.address = address
+        self.timeout = timeout
+        self.ray_init = ray_init or {}
+        self.warnings: list[str] = []
+
+    def _init(self):
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+            if self.address:
+                kwargs["address"] = self.address
+            else:
+                kwargs["num_cpus"] = self.workers
+            kwargs.update(self.ray_init)
+            # the harness's own modules must be importable by workers (editable or installed)
+            ray.init(**kwargs)
+        return ray
+
+    def placement(self, job: Job, cluster_gpus: float) -> tuple[dict, str]:
+        """Ray options and device for one job (GPU if declared and present, else CPU)."""
+        wants = float(job.num_gpus or 0.0)
+        if wants > 0 and cluster_gpus > 0:
+            env = dict(GPU_ENV)
+            return {"num_cpus": 1, "num_gpus": min(wants, cluster_gpus), "runtime_env": {"env_vars": env}, "max_retries": 0}, "cuda"
+        if wants > 0:
+            msg = (
+                f"{job.method} declares num_gpus={wants:g} but the Ray cluster has no GPU: "
+                f"running it on the CPU"
+            )
+            if msg not in self.warnings:
+                self.warnings.append(msg)
+                warnings.warn(msg, stacklevel=2)
+        return {"num_cpus": 1, "num_gpus": 0, "runtime_env": {"env_vars": dict(CPU_ENV)}, "max_retries": 0}, "cpu"
+
+    def run(self, jobs: Sequence[Job], on_result: OnResult) -> None:
+        ray = self._init()
+        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+        remote = ray.remote(_ray_job)
+        pending = list(jobs)
+        inflight: dict[Any, tuple[Job, float, str]] = {}
+        slots = max(1, self.workers)
+        while pending or inflight:
+            while pending and len(inflight) < slots:
+                job = pending.pop(0)
+                opts, device = self.placement(job, cluster_gpus)
+                ref = remote.options(**opts).remote(job, device)
+                inflight[ref] = (job, time.monotonic(), device)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                job, _, device = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # worker died, or the task raised outside run_job
+                    kind = type(exc).__name__
+                    result = failure_result(job, "failed", f"{kind}: the job's worker died or raised ({exc})"[:2000], traceback.format_exc(), device)
+                on_result(job, result)
+            if self.timeout is not None:
+                now = time.monotonic()
+                for ref, (job, t_start, device) in list(inflight.items()):
+                    if now - t_start > self.timeout:
+                        ray.cancel(ref, force=True)
+                        inflight.pop(ref)
+                        on_result(job, failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout", device=device))
+
+
+def job_to_dict(job: Job) -> dict:
+    return asdict(job)

@@ -1,0 +1,184 @@
+"""The result store: one run directory per named run (``results/runs/<name>/`` by default).
+
+Layout of a run directory:
+
+- ``rows.jsonl``: append-only result rows (protocol.md section 8). Each finished job appends all
+  its rows (one ``"row_type": "job"`` row, then one ``"row_type": "target"`` row per target) in a
+  single locked ``write`` followed by ``fsync``, so a driver killed mid-sweep loses only the jobs
+  that had not finished and never leaves half a job. A torn last line (power loss) is ignored on
+  read and fenced off with a newline on the next append.
+- ``invocations.jsonl``: every command that wrote to the run, with its resolved settings.
+- ``environment.json``: package versions, git revision, platform, CPU/GPU of the latest invocation.
+- ``artifacts/<job_id>.json``: a job's curves (loss, friction, σ² per iteration, ...).
+
+Rerunning skips jobs whose latest attempt is ``ok``; ``--force`` reruns them (the new rows are
+appended; readers keep the latest attempt per job).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROWS = "rows.jsonl"
+STATUSES = ("ok", "failed", "diverged", "timeout", "skipped")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if np.isfinite(f) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.rows_path = self.root / ROWS
+
+    def ensure(self) -> None:
+        (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
+
+    def append_rows(self, rows: Iterable[dict]) -> None:
+        """Append one job's rows atomically (one locked write, then fsync)."""
+        self.ensure()
+        payload = "".join(dumps(r) + "\n" for r in rows)
+        if not payload:
+            return
+        with open(self.rows_path, "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fh.seek(0, os.SEEK_END)
+                if fh.tell() > 0:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        payload = "\n" + payload  # fence off a torn line from an earlier crash
+                fh.seek(0, os.SEEK_END)
+                fh.write(payload.encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def read_rows(self) -> list[dict]:
+        if not self.rows_path.exists():
+            return []
+        rows = []
+        with open(self.rows_path) as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn line: that job is simply not finished
+        return rows
+
+    def latest_jobs(self) -> dict[str, dict]:
+        """The latest job row per job id (attempts are ordered by ``finished_at``)."""
+        latest: dict[str, dict] = {}
+        for r in self.read_rows():
+            if r.get("row_type") != "job":
+                continue
+            prev = latest.get(r["job_id"])
+            if prev is None or (r.get("finished_at", 0), r.get("attempt_id", "")) >= (
+                prev.get("finished_at", 0),
+                prev.get("attempt_id", ""),
+            ):
+                latest[r["job_id"]] = r
+        return latest
+
+    def done_job_ids(self) -> set[str]:
+        return {jid for jid, r in self.latest_jobs().items() if r.get("status") == "ok"}
+
+    def rows_of_latest_attempts(self) -> list[dict]:
+        latest = {jid: r.get("attempt_id") for jid, r in self.latest_jobs().items()}
+        return [r for r in self.read_rows() if latest.get(r.get("job_id")) == r.get("attempt_id")]
+
+    def write_artifact(self, job_id: str, payload: dict) -> str:
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".json"
+        atomic_write_text(self.root / "artifacts" / name, dumps(payload))
+        return f"artifacts/{name}"
+
+    def record_invocation(self, config: dict) -> None:
+        self.ensure()
+        with open(self.root / "invocations.jsonl", "a") as fh:
+            fh.write(dumps({"time": time.time(), **config}) + "\n")
+        atomic_write_text(self.root / "environment.json", dumps(environment()) + "\n")
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
+    except Exception:
+        return None
+
+
+def package_versions(names: Iterable[str] = ("numpy", "pot", "torch", "jax", "geomloss", "ray", "pandas")) -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        out["popbench"] = metadata.version("popbench")
+    except metadata.PackageNotFoundError:
+        pass
+    return out
+
+
+def environment() -> dict:
+    return {
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "executable": sys.executable,
+    }

@@ -1,0 +1,191 @@
+"""Plan a sweep (the job matrix), run what is not done yet, store rows, render tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import registry
+from harness.protocol import PROFILES, PopbenchError, target_within_training
+from harness.runner import Job, RayExecutor, SerialExecutor
+from harness.store import RunStore
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--set wlm.iterations=200 --set lr=1e-3`` → ``{"wlm": {...}, "*": {"lr": 0.001}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PopbenchError(f"--set expects key=value or method.key=value, got {item!r}")
+        method, dot, name = key.rpartition(".")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(method if dot else "*", {})[name] = value
+    return out
+
+
+def parse_seeds(spec: str) -> list[int]:
+    seeds: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                seeds.extend(range(int(a), int(b) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError as exc:
+            raise PopbenchError(f"--seeds expects integers like 0,1,2 or 0-4, got {spec!r}") from exc
+    if not seeds:
+        raise PopbenchError("--seeds selects no seed")
+    return list(dict.fromkeys(seeds))
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    skipped_pairs: list[str] = field(default_factory=list)  # (method, task) pairs not offered, with why
+
+
+def _answerable(method_cls, task) -> tuple[int, int]:
+    """(answerable targets, all targets) for a method on a task instance."""
+    data = task.train_data()
+    caps = method_cls.capabilities
+    n_ok = n_all = 0
+    for q in task.queries():
+        for tg in q.targets:
+            n_all += 1
+            n_ok += caps.interpolate if target_within_training(tg.t, data) else caps.forecast
+    return n_ok, n_all
+
+
+def plan_jobs(
+    tasks_spec: str,
+    methods_spec: str,
+    profile: str,
+    seeds: Sequence[int],
+    overrides: dict[str, dict[str, Any]] | None = None,
+    data_dir: str | None = None,
+) -> Plan:
+    if profile not in PROFILES:
+        raise PopbenchError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    pairs = registry.expand_tasks(tasks_spec)
+    method_names = registry.methods.expand(methods_spec)
+    if not pairs:
+        raise PopbenchError("--tasks selects no task")
+    if not method_names:
+        raise PopbenchError("--methods selects no method")
+    overrides = overrides or {}
+    unknown = set(overrides) - {"*"} - set(method_names)
+    if unknown:
+        raise PopbenchError(f"--set names method(s) {', '.join(sorted(unknown))} that are not selected")
+    jobs: list[Job] = []
+    skipped: list[str] = []
+    for family, variant in pairs:
+        task_cls = registry.tasks.load(family)
+        probe = None
+        for mname in method_names:
+            mcls = registry.methods.load(mname)
+            caps = mcls.capabilities
+            if caps.requires_simulator and not task_cls.has_simulator:
+                skipped.append(f"{mname} on {family}/{variant}: the task has no true simulator (real data)")
+                continue
+            if probe is None:
+                probe = task_cls(variant, seed=seeds[0], data_dir=data_dir)  # raises on missing data
+            n_ok, n_all = _answerable(mcls, probe)
+            if n_ok == 0:
+                what = "forecast" if caps.interpolate else "interpolate"
+                raise PopbenchError(
+                    f"{mname} cannot {what}, and every target of {family}/{variant} needs it; drop one of them"
+                )
+            hp = dict(mcls.default_hparams(f"{family}/{variant}", profile))
+            hp.update(overrides.get("*", {}))
+            hp.update(overrides.get(mname, {}))
+            for seed in seeds:
+                jobs.append(Job(family, variant, mname, profile, int(seed), hp, data_dir,
+                                num_gpus=float(caps.num_gpus), framework=caps.framework))
+    if not jobs:
+        raise PopbenchError("nothing to run: " + "; ".join(skipped) if skipped else "nothing to run")
+    return Plan(jobs, skipped)
+
+
+def _summary(result: dict) -> str:
+    job = result["job"]
+    head = f"{job['method']} on {job['task']}/{job['variant']} s{job['seed']}: {job['status']}"
+    if job["status"] != "ok":
+        return head + f" ({(job.get('error') or '')[:80]})"
+    cells = job.get("cells") or []
+    shown = ", ".join(f"{c['key']}={c['value']:.3f}" for c in cells[:2])
+    return f"{head} {shown} ({job.get('wall_s', 0):.0f}s)"
+
+
+def run_plan(
+    plan: Plan,
+    store: RunStore,
+    *,
+    executor: str = "serial",
+    workers: int = 1,
+    address: str | None = None,
+    timeout: float | None = None,
+    force: bool = False,
+    progress: bool = True,
+    ray_init: dict | None = None,
+) -> dict[str, dict]:
+    """Run the plan's jobs that are not done; return the latest job row per selected job id."""
+    done = set() if force else store.done_job_ids()
+    todo = [j for j in plan.jobs if j.job_id not in done]
+    if todo:
+        if executor == "ray":
+            ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
+        elif executor == "serial":
+            ex = SerialExecutor(timeout=timeout)
+        else:
+            raise PopbenchError(f"unknown executor {executor!r}; choose serial or ray")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr, dynamic_ncols=True,
+                       disable=None)
+
+        def on_result(job: Job, result: dict) -> None:
+            if result.get("curves"):
+                result["job"]["artifact"] = store.write_artifact(result["job"]["attempt_id"] + "_" + job.job_id,
+                                                                 {"job_id": job.job_id, **result["curves"]})
+            store.append_rows([result["job"], *result["targets"]])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(_summary(result)[:120])
+
+        try:
+            ex.run(todo, on_result)
+        finally:
+            if bar is not None:
+                bar.close()
+    latest = store.latest_jobs()
+    return {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
+
+
+def hardware_summary() -> str:
+    n = os.cpu_count() or 0
+    return f"{n}-core CPU"
+
+
+def default_run_dir(name: str | None, profile: str) -> Path:
+    root = Path(os.environ.get("POPBENCH_RESULTS_DIR", "results/runs"))
+    return root / (name or profile)
+
+
+def now() -> float:
+    return time.time()

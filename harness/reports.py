@@ -259,7 +259,8 @@ def build_table(
                     continue
                 s = stat(m, variant, *ck)
                 if s is None:
-                    text = "failed" if not failed.empty and (mrows.status == "ok").sum() == 0 else "—"
+                    text = (str(failed.status.iloc[-1]) if not failed.empty and (mrows.status == "ok").sum() == 0
+                            else "—")
                     md_cells.append(text)
                     tex_cells.append("---" if text == "—" else text)
                     continue

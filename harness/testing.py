@@ -1,0 +1,109 @@
+"""Fault-injecting and probing dummy methods, for the harness's own tests and benchmarks.
+
+Use them by reference, e.g. ``--methods harness.testing:Raises``. Each is ``static`` plus one
+misbehaviour, controlled by its hyperparameters (``--set sleep=5``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData
+
+
+class _Base(Method):
+    capabilities = Capabilities(interpolate=True, forecast=True)
+
+    def fit(self, data: TrainData) -> None:
+        pass
+
+    def predict(self, start: Marginal, times: Sequence[float], *, seed: int) -> Prediction:
+        return Prediction(tuple(start.x.copy() for _ in times))
+
+
+class Raises(_Base):
+    """Raises in ``fit``."""
+
+    name = "test_raises"
+
+    def fit(self, data: TrainData) -> None:
+        raise RuntimeError("injected failure")
+
+
+class ReturnsNaN(_Base):
+    """Returns NaN samples."""
+
+    name = "test_nan"
+
+    def predict(self, start: Marginal, times: Sequence[float], *, seed: int) -> Prediction:
+        return Prediction(tuple(np.full_like(start.x, np.nan) for _ in times))
+
+
+class Sleeps(_Base):
+    """Sleeps ``hparams["sleep"]`` seconds (default 60) in ``fit``."""
+
+    name = "test_sleeps"
+
+    def fit(self, data: TrainData) -> None:
+        time.sleep(float(self.hparams.get("sleep", 60)))
+
+
+class KillsWorker(_Base):
+    """Kills its own process in ``fit`` (a segfault, an OOM kill)."""
+
+    name = "test_kills_worker"
+
+    def fit(self, data: TrainData) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Busy(_Base):
+    """Burns ``hparams["seconds"]`` of CPU (default 2) in pure Python: a CPU-bound dummy job."""
+
+    name = "test_busy"
+
+    def fit(self, data: TrainData) -> None:
+        end = time.process_time() + float(self.hparams.get("seconds", 2.0))
+        x = 0
+        while time.process_time() < end:
+            for i in range(10_000):
+                x += i * i
+        self._x = x
+
+
+class EnvProbe(_Base):
+    """Records where it ran: device, pid, CUDA_VISIBLE_DEVICES, JAX_PLATFORMS, ...
+
+    Declares ``num_gpus=1`` when ``hparams["gpu"]`` is true (subclass :class:`GpuEnvProbe`)."""
+
+    name = "test_env_probe"
+
+    def fit(self, data: TrainData) -> None:
+        time.sleep(float(self.hparams.get("sleep", 0.0)))
+        self._env = {
+            "device": self.device,
+            "pid": os.getpid(),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS"),
+            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        }
+
+    def learned(self) -> dict:
+        return dict(self._env)
+
+
+class GpuEnvProbe(EnvProbe):
+    name = "test_gpu_env_probe"
+    capabilities = Capabilities(interpolate=True, forecast=True, num_gpus=1, framework="torch")
+
+
+class InterpolationOnly(_Base):
+    """``static`` that declares it cannot forecast."""
+
+    name = "test_interpolation_only"
+    capabilities = Capabilities(interpolate=True, forecast=False)

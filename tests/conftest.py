@@ -1,0 +1,34 @@
+"""Shared fixtures: one Ray cluster per test session (ray.init costs ~9 s and ~0.5 GB here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+if "POPBENCH_DATA_DIR" not in os.environ and SHARED_DATA.exists():
+    os.environ["POPBENCH_DATA_DIR"] = str(SHARED_DATA)
+os.environ.setdefault("POPBENCH_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs and 2 declared (fake) GPUs, shared by all tests."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``python run_all.py ARGS`` in a fresh interpreter."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run_all.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)

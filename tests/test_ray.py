@@ -1,0 +1,56 @@
+"""The Ray executor on one shared local cluster (2 CPUs, 2 declared fake GPUs)."""
+
+import warnings
+
+import pytest
+
+from harness.store import RunStore
+from harness.sweep import plan_jobs, run_plan
+
+pytestmark = pytest.mark.ray
+
+
+def _cells(latest):
+    return {jid: sorted((c["key"], round(c["value"], 12)) for c in r["cells"]) for jid, r in latest.items()}
+
+
+def test_ray_gives_the_same_numbers_as_serial(tmp_path, ray_cluster):
+    plan = plan_jobs("ou", "static,oracle,velocity_extrapolation", "smoke", [0, 1])
+    serial = run_plan(plan, RunStore(tmp_path / "serial"), executor="serial", progress=False)
+    par = run_plan(plan, RunStore(tmp_path / "ray"), executor="ray", workers=2, progress=False)
+    assert all(r["status"] == "ok" for r in par.values())
+    assert _cells(serial) == _cells(par)
+
+
+def test_faults_under_ray(tmp_path, ray_cluster):
+    plan = plan_jobs("ou/paired", "harness.testing:Raises,harness.testing:KillsWorker,harness.testing:Sleeps,static",
+                     "smoke", [0], overrides={"harness.testing:Sleeps": {"sleep": 120}})
+    latest = run_plan(plan, RunStore(tmp_path), executor="ray", workers=2, timeout=10, progress=False)
+    status = {r["method"]: r["status"] for r in latest.values()}
+    assert status == {"harness.testing:Raises": "failed", "harness.testing:KillsWorker": "failed",
+                      "harness.testing:Sleeps": "timeout", "static": "ok"}
+
+
+def test_gpu_jobs_spread_one_per_gpu_and_cpu_jobs_pin_jax_to_cpu(tmp_path, ray_cluster):
+    plan = plan_jobs("ou/paired", "harness.testing:GpuEnvProbe,harness.testing:EnvProbe", "smoke", [0, 1],
+                     overrides={"*": {"sleep": 3}})
+    latest = run_plan(plan, RunStore(tmp_path), executor="ray", workers=4, progress=False)
+    gpu = [r["learned"] for r in latest.values() if r["method"].endswith("GpuEnvProbe")]
+    cpu = [r["learned"] for r in latest.values() if r["method"].endswith(":EnvProbe")]
+    assert {g["device"] for g in gpu} == {"cuda"}
+    assert sorted(g["CUDA_VISIBLE_DEVICES"] for g in gpu) == ["0", "1"]  # one job per GPU
+    assert {g["XLA_PYTHON_CLIENT_PREALLOCATE"] for g in gpu} == {"false"}
+    assert all(c["device"] == "cpu" and c["JAX_PLATFORMS"] == "cpu" and c["CUDA_VISIBLE_DEVICES"] == "" for c in cpu)
+
+
+def test_gpu_jobs_fall_back_to_cpu_with_a_warning_on_a_gpu_less_cluster(tmp_path, ray_cluster, monkeypatch):
+    real = ray_cluster.cluster_resources
+    monkeypatch.setattr(ray_cluster, "cluster_resources", lambda: {k: v for k, v in real().items() if k != "GPU"})
+    plan = plan_jobs("ou/paired", "harness.testing:GpuEnvProbe", "smoke", [0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        latest = run_plan(plan, RunStore(tmp_path), executor="ray", workers=2, timeout=60, progress=False)
+    (row,) = latest.values()
+    assert row["status"] == "ok"
+    assert row["learned"]["device"] == "cpu" and row["learned"]["JAX_PLATFORMS"] == "cpu"
+    assert any("has no GPU" in str(w.message) for w in caught)

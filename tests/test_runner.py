@@ -1,0 +1,124 @@
+"""Sweeps: fault statuses, resume, --force, a killed driver, exit codes, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness.store import RunStore
+
+from .conftest import ROOT, run_cli
+
+FAULTS = "harness.testing:Raises,harness.testing:ReturnsNaN,harness.testing:KillsWorker,static"
+
+
+def _jobs(out):
+    return RunStore(out).latest_jobs()
+
+
+def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--tasks", "ou/paired", "--methods", FAULTS + ",harness.testing:Sleeps", "--set",
+                "harness.testing:Sleeps.sleep=60", "--timeout", "8", "--out", str(out), "--no-progress")
+    assert r.returncode == 1, r.stderr
+    status = {j["method"]: j["status"] for j in _jobs(out).values()}
+    assert status == {
+        "harness.testing:Raises": "failed",
+        "harness.testing:ReturnsNaN": "diverged",
+        "harness.testing:KillsWorker": "failed",
+        "harness.testing:Sleeps": "timeout",
+        "static": "ok",
+    }
+    rows = {j["method"]: j for j in _jobs(out).values()}
+    assert "injected failure" in rows["harness.testing:Raises"]["error"]
+    assert "Traceback" in rows["harness.testing:Raises"]["traceback"]
+    assert "died" in rows["harness.testing:KillsWorker"]["error"]
+    assert "4 of 5 jobs did not finish ok" in r.stderr
+
+
+def test_rerun_skips_done_jobs_and_force_redoes_them(tmp_path):
+    out = tmp_path / "run"
+    args = ("--tasks", "ou", "--methods", "static,oracle", "--seeds", "0,1,2", "--out", str(out), "--no-progress")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    n_rows = len(RunStore(out).read_rows())
+    again = run_cli(*args)
+    assert again.returncode == 0
+    assert len(RunStore(out).read_rows()) == n_rows  # no work done
+    assert again.stdout.split("**ou**")[1] == first.stdout.split("**ou**")[1]  # same table
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0
+    assert len(RunStore(out).read_rows()) == 2 * n_rows
+    assert len(_jobs(out)) == 12
+
+
+def test_a_killed_driver_loses_no_finished_row_and_duplicates_none(tmp_path):
+    out = tmp_path / "run"
+    args = ["--tasks", "ou/paired", "--methods", "harness.testing:Busy", "--set", "seconds=1.5", "--seeds", "0-5",
+            "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(RunStore(out).done_job_ids()) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = RunStore(out).done_job_ids()
+    assert 2 <= len(done_before) < 6
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    jobs = [row for row in RunStore(out).read_rows() if row["row_type"] == "job"]
+    ids = [j["job_id"] for j in jobs]
+    assert len(ids) == len(set(ids)) == 6  # nothing duplicated, nothing lost
+    for line in (out / "rows.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+@pytest.mark.parametrize(
+    "args, sentence",
+    [
+        (("--methods", "statc"), "did you mean 'static'"),
+        (("--tasks", "nosuch"), "unknown task family 'nosuch'"),
+        (("--tasks", "ou/x*"), "no task variant matches"),
+        (("--methods", ","), "selects no method"),
+        (("--seeds", "a"), "--seeds expects integers"),
+        (("--tasks", "ou", "--methods", "static", "--set", "wlm.lr=1"), "not selected"),
+    ],
+)
+def test_bad_input_exits_2_with_one_sentence(tmp_path, args, sentence):
+    r = run_cli("--out", str(tmp_path / "r"), "--tasks", "ou", *args)
+    assert r.returncode == 2
+    assert sentence in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_method_asked_only_to_forecast_that_cannot_is_refused(monkeypatch):
+    from harness import registry
+    from harness.protocol import PopbenchError
+    from harness.sweep import plan_jobs
+    from tasks.ou import OU
+
+    class ForecastOnly(OU):
+        family = "ou_forecast_only"
+
+        def queries(self):
+            q = super().queries()[0]
+            return [type(q)(q.name, q.kind, q.start, tuple(t for t in q.targets if t.group == "test"))]
+
+    monkeypatch.setitem(registry.tasks._entries, "ou_forecast_only",
+                        registry._Entry("ou_forecast_only", "tests:ForecastOnly", "runtime", obj=ForecastOnly))
+    with pytest.raises(PopbenchError, match="cannot forecast"):
+        plan_jobs("ou_forecast_only/paired", "harness.testing:InterpolationOnly", "smoke", [0])
+    assert plan_jobs("ou_forecast_only/paired", "static", "smoke", [0]).jobs
+
+
+def test_dry_run_prints_the_matrix_and_runs_nothing(tmp_path):
+    out = tmp_path / "r"
+    r = run_cli("--tasks", "ou", "--methods", "static", "--seeds", "0,1", "--out", str(out), "--dry-run")
+    assert r.returncode == 0
+    assert "4 jobs, 0 done, 4 to run" in r.stdout
+    assert not (out / "rows.jsonl").exists()

@@ -1,0 +1,37 @@
+"""The run store: atomic appends, torn lines, latest attempts."""
+
+import json
+
+from harness.store import RunStore
+
+
+def _job(jid, status, t, attempt):
+    return {"row_type": "job", "job_id": jid, "status": status, "finished_at": t, "attempt_id": attempt}
+
+
+def test_latest_attempt_wins_and_ok_jobs_are_done(tmp_path):
+    s = RunStore(tmp_path)
+    s.append_rows([_job("a", "failed", 1.0, "x1")])
+    s.append_rows([_job("a", "ok", 2.0, "x2"), {"row_type": "target", "job_id": "a", "attempt_id": "x2", "w1": 0.1}])
+    s.append_rows([_job("b", "timeout", 3.0, "y1")])
+    assert s.done_job_ids() == {"a"}
+    rows = s.rows_of_latest_attempts()
+    assert {r["attempt_id"] for r in rows} == {"x2", "y1"}
+
+
+def test_a_torn_last_line_is_ignored_and_fenced_off(tmp_path):
+    s = RunStore(tmp_path)
+    s.append_rows([_job("a", "ok", 1.0, "x1")])
+    with open(s.rows_path, "a") as fh:
+        fh.write('{"row_type": "job", "job_id": "b", "sta')  # a crash mid-write
+    assert s.done_job_ids() == {"a"}
+    s.append_rows([_job("c", "ok", 2.0, "z1")])
+    assert s.done_job_ids() == {"a", "c"}
+    lines = s.rows_path.read_text().splitlines()
+    assert json.loads(lines[-1])["job_id"] == "c"
+
+
+def test_non_finite_numbers_are_stored_as_null(tmp_path):
+    s = RunStore(tmp_path)
+    s.append_rows([{**_job("a", "ok", 1.0, "x"), "w1": float("nan")}])
+    assert s.read_rows()[0]["w1"] is None

@@ -274,7 +274,8 @@ def build_table(
                     text, tex = f"<u>{text}</u>", f"\\underline{{{tex}}}"
                 if m not in REFERENCE_METHODS:
                     st = stat("static", variant, *ck)
-                    if st is not None and math.isfinite(st["mean"]) and mean >= float(st["mean"]):
+                    if (st is not None and math.isfinite(st["mean"])
+                            and round(mean, digits) >= round(float(st["mean"]), digits)):
                         text += " †"
                         tex += r"$^\dagger$"
                         flagged = True

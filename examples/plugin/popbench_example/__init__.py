@@ -1,0 +1,1 @@
+"""An example popbench plugin: see mean_drift.py."""

@@ -1,0 +1,100 @@
+"""Tables: aggregation against a hand computation, golden Markdown and LaTeX, --compare paper."""
+
+import math
+
+import numpy as np
+import pytest
+
+from harness.reports import agrees, build_table, cells_frame
+
+
+def _job(method, variant, seed, cells, status="ok", family="fam", used_v=False):
+    return {"task": family, "variant": variant, "method": method, "profile": "quick", "seed": seed,
+            "status": status, "used_velocities": used_v,
+            "cells": [{"group": g, "key": k, "paper_variant": None, "value": v} for (g, k), v in cells.items()]}
+
+
+ROWS = [
+    # learner "a": two variants x two seeds; static; a failing learner "c"; interpolation-only "d"
+    _job("a", "v1", 0, {("", "train_w1"): 0.10, ("", "forecast_w1"): 0.30}),
+    _job("a", "v2", 0, {("", "train_w1"): 0.20, ("", "forecast_w1"): 0.50}),
+    _job("a", "v1", 1, {("", "train_w1"): 0.30, ("", "forecast_w1"): 0.40}),
+    _job("a", "v2", 1, {("", "train_w1"): 0.40, ("", "forecast_w1"): 0.60}),
+    _job("d", "v1", 0, {("", "train_w1"): 0.50}),
+    _job("d", "v2", 0, {("", "train_w1"): 0.70}),
+    _job("static", "v1", 0, {("", "train_w1"): 0.55, ("", "forecast_w1"): 0.9}, used_v=False),
+    _job("static", "v2", 0, {("", "train_w1"): 0.65, ("", "forecast_w1"): 1.1}),
+    _job("c", "v1", 0, {}, status="failed"),
+]
+
+
+def test_aggregation_is_per_seed_over_variants_then_over_seeds():
+    t = build_table(cells_frame(ROWS), "fam")
+    agg = t.aggregate.set_index(["method", "key"])
+    # seed 0: (0.1+0.2)/2 = 0.15, seed 1: (0.3+0.4)/2 = 0.35 -> mean 0.25, SE = std([.15,.35], ddof=1)/sqrt(2) = 0.1
+    assert agg.loc[("a", "train_w1"), "mean"] == pytest.approx(0.25)
+    assert agg.loc[("a", "train_w1"), "se"] == pytest.approx(0.1)
+    assert agg.loc[("a", "train_w1"), "n"] == 2
+    assert math.isnan(agg.loc[("d", "train_w1"), "se"])
+
+
+GOLDEN_MD = """**fam**
+
+| method   | Train W1             | Forecast W1       |
+|----------|----------------------|-------------------|
+| a        | **0.250 ± 0.100**    | **0.450 ± 0.050** |
+| d        | <u>0.600</u> † (n=1) | —                 |
+| c        | failed               | failed            |
+| static   | 0.600 (n=1)          | 1.000 (n=1)       |
+
+fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean ± SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; — = the method cannot answer (interpolation-only).
+† does not beat `static` on this column.
+"""
+
+GOLDEN_TEX = r"""\begin{table}
+\centering
+\caption{fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean $\pm$ SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; --- = the method cannot answer (interpolation-only).}
+\begin{tabular}{lll}
+\toprule
+ & Train W1 & Forecast W1 \\
+\midrule
+a & \textbf{0.250 $\pm$ 0.100} & \textbf{0.450 $\pm$ 0.050} \\
+d & \underline{0.600}$^\dagger$ (n=1) & --- \\
+c & failed & failed \\
+static & 0.600 (n=1) & 1.000 (n=1) \\
+\bottomrule
+\end{tabular}
+\end{table}
+"""
+
+
+def test_golden_markdown_and_latex():
+    t = build_table(cells_frame(ROWS), "fam", method_order=["a", "d", "c", "static"], profile="quick",
+                    hardware="2-core CPU")
+    assert t.markdown() == GOLDEN_MD
+    assert t.latex() == GOLDEN_TEX
+
+
+def test_ties_share_bold():
+    rows = [_job("x", "v", 0, {("", "k"): 0.2}), _job("y", "v", 0, {("", "k"): 0.2}), _job("z", "v", 0, {("", "k"): 0.3})]
+    t = build_table(cells_frame(rows), "fam")
+    cells = dict(t.rows)
+    assert cells["x"][0].startswith("**") and cells["y"][0].startswith("**")
+    assert cells["z"][0].startswith("<u>")
+
+
+def test_compare_paper_puts_the_published_number_beside_ours():
+    rows = [_job("wlm", "interpolation", s, {("interpolation", "w1_holdout_1"): v}, family="vortex")
+            for s, v in enumerate([0.038, 0.040, 0.041])]
+    t = build_table(cells_frame(rows), "vortex", compare="paper", paper_table={"interpolation": (2, "interpolation")})
+    cell = dict(t.rows)["wlm"][0]
+    assert "[paper 0.039 ± 0.002 ✓]" in cell
+    published = dict(t.rows)
+    assert "curly_fm (published)" in published and published["curly_fm (published)"][0] == "0.019 ± 0.003"
+
+
+def test_agreement_rule():
+    assert agrees(0.05, 0.01, 0.039, 0.002)
+    assert not agrees(0.10, 0.01, 0.039, 0.002)
+    assert agrees(0.704, float("nan"), 0.704, float("nan"))
+    assert not np.isnan(0.0)

@@ -84,8 +84,10 @@ def _plot_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="results/figures", help="output directory for PNG files")
-    p.add_argument("--methods", default=None, help="also plot these methods' rollouts (refits at --profile)")
-    p.add_argument("--profile", default="smoke", choices=PROFILES)
+    p.add_argument("--run", default=None, help="a run directory: also plot the stored rollouts of --methods")
+    p.add_argument("--methods", default=None, help="methods whose stored rollouts to draw (with --run)")
+    p.add_argument("--curve", default=None, metavar="METHOD.KEY",
+                   help="with --run: plot a stored learned curve, e.g. wlm.gamma_curve")
     return p
 
 
@@ -255,10 +257,20 @@ def cmd_plot(argv: Sequence[str]) -> int:
         path = out / f"{family}_{variant}_marginals.png"
         plots.plot_marginals(task, path)
         print(f"wrote {path}")
-        if args.methods:
-            path = out / f"{family}_{variant}_rollouts_{args.profile}.png"
-            plots.plot_task_rollouts(task, registry.methods.expand(args.methods), args.profile, path, seed=args.seed)
+        if args.run and args.methods:
+            from harness.figures import rollout_figure
+
+            path = out / f"{family}_{variant}_rollouts.png"
+            rollout_figure(args.run, family, variant, registry.methods.expand(args.methods), path, seed=args.seed,
+                           data_dir=args.data_dir)
             print(f"wrote {path}")
+    if args.run and args.curve:
+        from harness.figures import curve_figure
+
+        method, _, key = args.curve.partition(".")
+        path = out / f"{method}_{key}.png"
+        curve_figure(args.run, method, key, path)
+        print(f"wrote {path}")
     return 0
 
 

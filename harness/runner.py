@@ -129,7 +129,8 @@ def _split_learned(learned: dict) -> tuple[dict, dict]:
 
 
 def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
-    """Run one job and return ``{"job": job_row, "targets": [target rows], "curves": {...}}``.
+    """Run one job and return ``{"job": job_row, "targets": [target rows], "curves": {...},
+    "predictions": {"<query>/times": ..., "<query>/samples": (T, n, d) float32, ...}}``.
 
     Never raises for a failure of the task or the method: it returns a row with the status.
     """
@@ -154,6 +155,7 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
     job_row: dict[str, Any] = {**base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
     target_rows: list[dict] = []
     curves: dict = {}
+    predictions: dict[str, np.ndarray] = {}
     phase = "setup"
     fit_s = predict_s = 0.0
     try:
@@ -191,6 +193,10 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
                 t0 = time.perf_counter()
                 pred = _check_prediction(method.predict(start, asked_times, seed=qseed), start, asked_times)
                 predict_s += time.perf_counter() - t0
+                predictions[f"{q.name}/times"] = np.asarray(asked_times)
+                predictions[f"{q.name}/samples"] = np.stack(pred.samples).astype(np.float32)
+                if pred.weights is not None:
+                    predictions[f"{q.name}/weights"] = np.stack(pred.weights).astype(np.float32)
             w1s: list[float] = []
             k = 0
             phase = "score"
@@ -229,11 +235,11 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
         job_row["used_velocities"] = bool(method.used_velocities)
     except DivergedError as exc:
         job_row.update(status="diverged", error=str(exc), traceback=traceback.format_exc())
-        target_rows = []
+        target_rows, predictions = [], {}
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         msg = f"{type(exc).__name__} during {phase}: {exc}"
         job_row.update(status="failed", error=msg, traceback=traceback.format_exc())
-        target_rows = []
+        target_rows, predictions = [], {}
     job_row.update(
         fit_s=fit_s,
         predict_s=predict_s,
@@ -248,7 +254,7 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
             job_row["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception:
             pass
-    return {"job": job_row, "targets": target_rows, "curves": curves}
+    return {"job": job_row, "targets": target_rows, "curves": curves, "predictions": predictions}
 
 
 def failure_result(job: Job, status: str, error: str, tb: str | None = None, device: str = "cpu") -> dict:

@@ -9,7 +9,8 @@ Layout of a run directory:
   read and fenced off with a newline on the next append.
 - ``invocations.jsonl``: every command that wrote to the run, with its resolved settings.
 - ``environment.json``: package versions, git revision, platform, CPU/GPU of the latest invocation.
-- ``artifacts/<job_id>.json``: a job's curves (loss, friction, σ² per iteration, ...).
+- ``artifacts/<attempt>_<job_id>.json``: a job's curves (loss, friction, σ² per iteration, ...);
+  ``artifacts/<attempt>_<job_id>.npz``: its predicted samples per query (float32), for figures.
 
 Rerunning skips jobs whose latest attempt is ``ok``; ``--force`` reruns them (the new rows are
 appended; readers keep the latest attempt per job).
@@ -134,6 +135,15 @@ class RunStore:
     def write_artifact(self, job_id: str, payload: dict) -> str:
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".json"
         atomic_write_text(self.root / "artifacts" / name, dumps(payload))
+        return f"artifacts/{name}"
+
+    def write_predictions(self, stem: str, arrays: dict) -> str:
+        """A job's predicted samples per query (float32, compressed), for figures."""
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", stem) + ".npz"
+        path = self.root / "artifacts" / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
         return f"artifacts/{name}"
 
     def record_invocation(self, config: dict) -> None:

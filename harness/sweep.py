@@ -160,9 +160,11 @@ def run_plan(
                        disable=None)
 
         def on_result(job: Job, result: dict) -> None:
+            stem = result["job"]["attempt_id"] + "_" + job.job_id
             if result.get("curves"):
-                result["job"]["artifact"] = store.write_artifact(result["job"]["attempt_id"] + "_" + job.job_id,
-                                                                 {"job_id": job.job_id, **result["curves"]})
+                result["job"]["artifact"] = store.write_artifact(stem, {"job_id": job.job_id, **result["curves"]})
+            if result.get("predictions"):
+                result["job"]["predictions"] = store.write_predictions(stem, result["predictions"])
             store.append_rows([result["job"], *result["targets"]])
             if bar is not None:
                 bar.update(1)

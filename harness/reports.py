@@ -204,7 +204,7 @@ def build_table(
     paper_table = paper_table or {}
     # column order: first appearance in the job cells
     ok = fam.dropna(subset=["key"])
-    colkeys = list(dict.fromkeys(zip(ok["group"], ok["key"])))
+    colkeys = _order_columns(list(dict.fromkeys(zip(ok["group"], ok["key"]))))
     methods = list(dict.fromkeys(method_order or [])) or []
     methods += [m for m in fam["method"].unique() if m not in methods]
     methods = [m for m in methods if m in set(fam["method"])]
@@ -319,6 +319,19 @@ def build_table(
         )
     title = f"{family}" + (" (per variant)" if by_variant else "")
     return Table(title, caption, columns, rows, latex_rows, footnotes, agg)
+
+
+def _order_columns(colkeys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Groups in order of first appearance; inside a group, holdouts by index and the mean last."""
+    groups = list(dict.fromkeys(g for g, _ in colkeys))
+
+    def rank(ck):
+        g, k = ck
+        m = re.fullmatch(r"w1_holdout[-_](\d+)", k)
+        return (groups.index(g), 2 if k == "w1_mean_holdouts" else 1 if m else 0,
+                int(m.group(1)) if m else colkeys.index(ck))
+
+    return sorted(colkeys, key=rank)
 
 
 def _paper_value(paper, family, paper_table, by_variant, variant, s, method, ck, mrows):

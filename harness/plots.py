@@ -1,0 +1,193 @@
+"""Pictures users look at before they trust a number (matplotlib, Agg, imported lazily).
+
+- :func:`plot_marginals`: a task's marginals over time (the paper's "ground truth" rows): one row
+  for the task's own time grid (training marginals grey, held-out targets violet), plus one row per
+  query whose populations are not on that grid (``boids/unseen-init``). 2-D scatter; for higher
+  dimensions (EB) the first two coordinates.
+- :func:`plot_rollouts`: the paper's Figure 5 layout: the truth in the first row, one row per
+  method below, columns = times, shared axes.
+- :func:`plot_curves`: loss / friction curves, one line per label.
+
+Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, so importing this
+module (or calling it) never changes pyplot's global backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TRAIN_COLOR = "0.45"
+HELDOUT_COLOR = "#7b3fb5"  # violet, as the paper marks held-out / forecast times
+START_COLOR = "#1f77b4"
+PRED_COLORS = ("#d62728", "#2ca02c", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22")
+
+
+def _figure(nrows: int, ncols: int, panel: float = 1.9, sharex=True, sharey=True):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(panel * ncols, 4.0), panel * nrows + 0.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _pick(n: int, k: int) -> list[int]:
+    """``k`` (or fewer) evenly spread indices of ``range(n)``, first and last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
+
+
+def _limits(arrays: Sequence[np.ndarray], pad: float = 0.08) -> tuple[tuple[float, float], tuple[float, float]]:
+    pts = np.concatenate([np.asarray(a)[:, :2] for a in arrays])
+    lo = np.percentile(pts, 0.1, axis=0)  # a few far outliers must not shrink every panel
+    hi = np.percentile(pts, 99.9, axis=0)
+    span = np.maximum(hi - lo, 1e-9)
+    lo, hi = lo - pad * span, hi + pad * span
+    return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
+
+
+def _box_aspect(xlim: tuple[float, float], ylim: tuple[float, float]) -> float:
+    """Panel height / width that keeps one unit the same length on both axes (clipped)."""
+    return float(np.clip((ylim[1] - ylim[0]) / max(xlim[1] - xlim[0], 1e-12), 0.5, 2.0))
+
+
+def _marker_size(n: int) -> float:
+    return float(np.clip(300.0 / max(n, 1), 0.5, 8.0))
+
+
+def _scatter(ax: Any, x: np.ndarray, color: str, label: str | None = None) -> None:
+    x = np.asarray(x)
+    ax.scatter(x[:, 0], x[:, 1], s=_marker_size(len(x)), c=color, alpha=0.7, linewidths=0, label=label)
+
+
+def _timeline(task: Any) -> tuple[list[tuple[float, np.ndarray, str]], list[tuple[str, list[tuple[float, np.ndarray, str]]]]]:
+    """The task's grid (index >= 0: train marginals and targets) and the off-grid query rows."""
+    data = task.train_data()
+    grid: dict[int, tuple[float, np.ndarray, str]] = {}
+    loose: list[tuple[float, np.ndarray, str]] = []
+    for m in data.marginals:
+        if m.index >= 0:
+            grid[m.index] = (m.t, m.x, "train")
+        else:
+            loose.append((m.t, m.x, "train"))
+    extra: list[tuple[str, list[tuple[float, np.ndarray, str]]]] = []
+    for q in task.queries():
+        if q.start.index < 0 and all(tg.index < 0 for tg in q.targets):
+            row = [(q.start.t, q.start.x, "start")] + [(tg.t, tg.x, tg.group) for tg in q.targets]
+            extra.append((q.name, row))
+            continue
+        for tg in q.targets:
+            if tg.index >= 0 and tg.index not in grid:
+                grid[tg.index] = (tg.t, tg.x, "held-out" if tg.group == "test" else "train")
+    main = [grid[k] for k in sorted(grid)] + loose
+    main.sort(key=lambda r: r[0])
+    return main, extra
+
+
+def plot_marginals(task: Any, path: str | os.PathLike, max_panels: int = 11) -> Path:
+    """Write a PNG of ``task``'s marginals over time (training grey, held-out violet)."""
+    main, extra = _timeline(task)
+    rows = [("ground truth", main)] + [(f"query {name}", row) for name, row in extra]
+    ncols = min(max_panels, max(len(r) for _, r in rows))
+    picked = [[row[i] for i in _pick(len(row), ncols)] for _, row in rows]
+    fig, axes = _figure(len(rows), ncols)
+    xlim, ylim = _limits([x for row in picked for _, x, _ in row])
+    dim = main[0][1].shape[1]
+    for r, ((label, _), row) in enumerate(zip(rows, picked)):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
+            ax.set_box_aspect(_box_aspect(xlim, ylim))
+            ax.tick_params(labelsize=6)
+            if c >= len(row):
+                ax.set_axis_off()
+                continue
+            t, x, kind = row[c]
+            color = {"train": TRAIN_COLOR, "start": START_COLOR}.get(kind, HELDOUT_COLOR)
+            _scatter(ax, x, color)
+            ax.set_title(f"t={t:g}" + ("" if kind == "train" else f" ({kind})"), fontsize=7,
+                         color=HELDOUT_COLOR if kind not in ("train", "start") else "black")
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    title = f"{task.name}: marginals over time (grey: training, violet: held out / scored)"
+    if dim > 2:
+        title += f"; first 2 of {dim} coordinates"
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_rollouts(
+    times: Sequence[float],
+    truth: Sequence[np.ndarray],
+    predictions: Mapping[str, Sequence[np.ndarray]],
+    path: str | os.PathLike,
+    title: str = "",
+    max_panels: int = 11,
+) -> Path:
+    """The paper's Figure 5: the truth (first row) and one row per method, columns = times."""
+    cols = _pick(len(times), max_panels)
+    names = list(predictions)
+    fig, axes = _figure(1 + len(names), len(cols))
+    pool = [truth[i] for i in cols] + [predictions[n][i] for n in names for i in cols]
+    xlim, ylim = _limits(pool)
+    for c, i in enumerate(cols):
+        axes[0, c].set_title(f"t={times[i]:g}", fontsize=7)
+        for r, (label, arr, color) in enumerate(
+            [("ground truth", truth[i], TRAIN_COLOR)]
+            + [(n, predictions[n][i], PRED_COLORS[k % len(PRED_COLORS)]) for k, n in enumerate(names)]
+        ):
+            ax = axes[r, c]
+            _scatter(ax, arr, color)
+            ax.set_xlim(*xlim)
+            ax.set_ylim(*ylim)
+            ax.set_box_aspect(_box_aspect(xlim, ylim))
+            ax.tick_params(labelsize=6)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[float]], path: str | os.PathLike, ylabel: str = "", xlabel: str = "step",
+    title: str = "", logy: bool | None = None,
+) -> Path:
+    """One line per label (loss, friction, ...). ``logy`` defaults to True for positive curves
+    spanning more than two decades."""
+    fig, axes = _figure(1, 1, panel=3.2, sharex=False, sharey=False)
+    ax = axes[0, 0]
+    for k, (label, ys) in enumerate(curves.items()):
+        ys = np.asarray(ys, dtype=float)
+        ax.plot(np.arange(len(ys)), ys, label=label, color=PRED_COLORS[k % len(PRED_COLORS)], lw=1.2)
+    vals = np.concatenate([np.asarray(v, dtype=float) for v in curves.values()]) if curves else np.array([])
+    vals = vals[np.isfinite(vals)]
+    if logy is None:
+        logy = bool(vals.size) and vals.min() > 0 and vals.max() / vals.min() > 100
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+__all__ = ["plot_curves", "plot_marginals", "plot_rollouts"]

@@ -1,0 +1,248 @@
+"""harness.data (registry, resolution order, verification, atomic download), tasks._cache, harness.plots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from harness import data
+from harness.protocol import PopbenchError
+from tasks import _cache
+
+PNG = b"\x89PNG\r\n\x1a\n"
+REAL_DATA_DIR = os.environ.get("POPBENCH_DATA_DIR")  # read before the fixtures clear it
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.delenv("POPBENCH_DATA_DIR", raising=False)
+    monkeypatch.delenv("POPBENCH_OFFLINE", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("POPBENCH_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """A registered file ``toy/blob.bin`` whose source is a local file:// URL."""
+    payload = os.urandom(3000)
+    src = tmp_path / "upstream" / "blob.bin"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    entry = data.DataFile(
+        name="toy/blob.bin", url=src.as_uri(), size=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        git_blob=hashlib.sha1(b"blob %d\0" % len(payload) + payload).hexdigest(), licence="test",
+    )
+    monkeypatch.setitem(data.REGISTRY, entry.name, entry)
+    return entry, payload
+
+
+def put(root, entry, payload):
+    p = root / entry.name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(payload)
+    return p
+
+
+def test_registry_entries_are_complete():
+    assert set(data.REGISTRY) >= {
+        "ocean/oceans_with_v0.npz", "ocean/big_oceans_forecast.npz",
+        "eb/eb_velocity_v5.npz", "eb/sbirr_eb_data_300per_marginal.npy",
+    }
+    for f in data.REGISTRY.values():
+        assert f.url.startswith("https://") and f.licence
+        assert f.sha256 or f.git_blob
+    assert data.REGISTRY["eb/eb_velocity_v5.npz"].git_blob == "06b92296690840bb4c146085b6cd18ad89667c74"
+    assert data.entry("oceans_with_v0.npz").name == "ocean/oceans_with_v0.npz"
+    with pytest.raises(PopbenchError, match="unknown data file"):
+        data.entry("nope.npz")
+
+
+def test_real_files_match_their_checksums():
+    import pathlib
+
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+    roots = [p for p in (REAL_DATA_DIR, shared) if p and pathlib.Path(p).is_dir()]
+    found = 0
+    for f in data.REGISTRY.values():
+        for root in roots:
+            p = pathlib.Path(root) / f.name
+            if p.is_file():
+                sha, blob = data.file_digests(p)
+                assert (f.sha256 in (None, sha)) and (f.git_blob in (None, blob)), f.name
+                found += 1
+                break
+    if not found:
+        pytest.skip("no real data file found (set POPBENCH_DATA_DIR)")
+
+
+def test_resolution_order(toy, tmp_path, monkeypatch):
+    entry, payload = toy
+    explicit, env, cache = tmp_path / "explicit", tmp_path / "env", tmp_path / "cache"
+    for root in (explicit, env, cache):
+        put(root, entry, payload)
+    monkeypatch.setenv("POPBENCH_DATA_DIR", str(env))
+    assert data.resolve(entry.name, data_dir=explicit, download=False) == explicit / entry.name
+    assert data.resolve(entry.name, download=False) == env / entry.name
+    monkeypatch.delenv("POPBENCH_DATA_DIR")
+    assert data.resolve(entry.name, download=False) == cache / entry.name
+    # a directory without the file is skipped, the next one is used
+    (env / entry.name).unlink()
+    monkeypatch.setenv("POPBENCH_DATA_DIR", str(env))
+    assert data.resolve(entry.name, download=False) == cache / entry.name
+
+
+def test_corrupted_file_is_refused(toy, tmp_path):
+    entry, payload = toy
+    bad = bytearray(payload)
+    bad[10] ^= 1
+    p = put(tmp_path / "d", entry, bytes(bad))
+    with pytest.raises(PopbenchError) as err:
+        data.resolve(entry.name, data_dir=tmp_path / "d")
+    msg = str(err.value)
+    assert "toy/blob.bin" in msg and entry.sha256 in msg and entry.url in msg and str(p.parent) in msg
+    p.write_bytes(payload[:-1])  # wrong size
+    with pytest.raises(PopbenchError, match="bytes"):
+        data.resolve(entry.name, data_dir=tmp_path / "d")
+
+
+def test_download_verifies_and_writes_atomically(toy, tmp_path):
+    entry, payload = toy
+    dest_root = tmp_path / "d"
+    path = data.resolve(entry.name, data_dir=dest_root)  # downloads are on by default
+    assert path == dest_root / entry.name and path.read_bytes() == payload
+    assert sorted(p.name for p in path.parent.iterdir()) == ["blob.bin"]  # no temp file left
+
+
+def test_failed_verification_leaves_nothing(toy, tmp_path, monkeypatch):
+    entry, payload = toy
+    wrong = data.DataFile(**{**entry.__dict__, "sha256": "0" * 64})
+    monkeypatch.setitem(data.REGISTRY, entry.name, wrong)
+    with pytest.raises(PopbenchError) as err:
+        data.resolve(entry.name, data_dir=tmp_path / "d", download=True)
+    assert "verification" in str(err.value) and "0" * 64 in str(err.value)
+    assert list((tmp_path / "d" / "toy").iterdir()) == []
+
+
+@pytest.mark.parametrize("var,value", [("POPBENCH_OFFLINE", "1"), ("CI", "true")])
+def test_offline_and_ci_disable_downloads(toy, tmp_path, monkeypatch, var, value):
+    entry, _ = toy
+    monkeypatch.setenv(var, value)
+    assert not data.downloads_allowed()
+    with pytest.raises(PopbenchError) as err:
+        data.resolve(entry.name, data_dir=tmp_path / "d")
+    msg = str(err.value)
+    assert "downloads are off" in msg and entry.url in msg and entry.sha256 in msg
+    assert str(tmp_path / "d" / "toy") in msg
+    assert not (tmp_path / "d" / entry.name).exists()
+
+
+def test_unreachable_url_gives_the_sentence(toy, tmp_path, monkeypatch):
+    entry, _ = toy
+    gone = data.DataFile(**{**entry.__dict__, "url": (tmp_path / "missing.bin").as_uri()})
+    monkeypatch.setitem(data.REGISTRY, entry.name, gone)
+    with pytest.raises(PopbenchError, match="download failed"):
+        data.resolve(entry.name, data_dir=tmp_path / "d", download=True)
+
+
+def test_fetch(toy, tmp_path):
+    entry, payload = toy
+    paths = data.fetch([entry.name], data_dir=tmp_path / "d")
+    assert paths == [tmp_path / "d" / entry.name]
+    assert data.fetch(["blob.bin"], data_dir=tmp_path / "d") == paths  # already there: verified only
+    with pytest.raises(PopbenchError):
+        data.fetch(["no-such-file"])
+
+
+def test_checksum_is_memoised(toy, tmp_path, monkeypatch):
+    entry, payload = toy
+    p = put(tmp_path / "d", entry, payload)
+    calls = []
+    real = data.file_digests
+    monkeypatch.setattr(data, "file_digests", lambda path: calls.append(path) or real(path))
+    for _ in range(3):
+        data.resolve(entry.name, data_dir=tmp_path / "d")
+    assert len(calls) == 1
+    os.utime(p, ns=(1, 1))  # a changed mtime is checked again
+    data.resolve(entry.name, data_dir=tmp_path / "d")
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks._cache
+
+
+def test_generated_data_cache(tmp_path):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"x": np.arange(6.0).reshape(3, 2)}
+
+    params = {"variant": "a", "seed": 3, "version": 1}
+    a = _cache.cached_arrays("fam", params, build)
+    b = _cache.cached_arrays("fam", params, build)
+    assert len(calls) == 1 and np.array_equal(a["x"], b["x"])
+    path = _cache.cache_path("fam", params)
+    assert path.parent == tmp_path / "cache" / "generated" and path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    _cache.cached_arrays("fam", {**params, "seed": 4}, build)  # another seed: another entry
+    assert len(calls) == 2
+    path.write_bytes(b"garbage")  # a damaged file is regenerated, never trusted
+    c = _cache.cached_arrays("fam", params, build)
+    assert len(calls) == 3 and np.array_equal(c["x"], a["x"])
+
+
+def test_cache_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("POPBENCH_NO_CACHE", "1")
+    calls = []
+    for _ in range(2):
+        _cache.cached_arrays("fam", {"k": 1}, lambda: calls.append(1) or {"x": np.zeros(2)})
+    assert len(calls) == 2 and not _cache.cache_path("fam", {"k": 1}).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# harness.plots
+
+
+def test_plots_write_pngs(tmp_path):
+    from harness.plots import plot_curves, plot_marginals, plot_rollouts
+    from tasks.ou import OU
+
+    task = OU("unpaired", seed=0)
+    p = plot_marginals(task, tmp_path / "m.png", max_panels=6)
+    assert p.read_bytes()[:8] == PNG
+    (q,) = task.queries()
+    times = list(q.times[:4])
+    truth = [tg.x for tg in q.targets[:4]]
+    p = plot_rollouts(times, truth, {"static": [q.start.x] * 4, "shift": [x + 1 for x in truth]}, tmp_path / "r.png")
+    assert p.read_bytes()[:8] == PNG
+    p = plot_curves({"loss": [3.0, 2.0, 1.5], "friction": [1.0, 1.1, 1.2]}, tmp_path / "c.png", ylabel="value")
+    assert p.read_bytes()[:8] == PNG
+
+
+def test_registered_families_load():
+    from harness import registry
+
+    for name in ("gf_sde", "boids", "vortex", "eb", "eb300"):
+        cls = registry.tasks.load(name)
+        assert cls.family == name and cls.variants and cls.description
+        for v in cls.variants:
+            files = cls.variant_data_files(v)
+            assert all(f in data.REGISTRY for f in files)
+
+
+def test_fetch_accepts_task_names(monkeypatch):
+    seen = []
+    monkeypatch.setattr(data, "resolve", lambda n, data_dir=None, download=None: seen.append(n) or n)
+    data.fetch(["vortex/forecast", "eb300", "oceans_with_v0.npz"])
+    assert seen == ["ocean/big_oceans_forecast.npz", "eb/sbirr_eb_data_300per_marginal.npy", "ocean/oceans_with_v0.npz"]
+    seen.clear()
+    data.fetch(["vortex"])
+    assert seen == ["ocean/oceans_with_v0.npz", "ocean/big_oceans_forecast.npz"]
+    seen.clear()
+    data.fetch(["gf_sde"])  # a synthetic family needs no file
+    assert seen == []

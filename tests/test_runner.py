@@ -122,3 +122,13 @@ def test_dry_run_prints_the_matrix_and_runs_nothing(tmp_path):
     assert r.returncode == 0
     assert "4 jobs, 0 done, 4 to run" in r.stdout
     assert not (out / "rows.jsonl").exists()
+
+
+def test_a_missing_data_file_exits_2_with_the_file_its_url_and_where_to_put_it(tmp_path):
+    r = run_cli("--tasks", "eb", "--methods", "static", "--out", str(tmp_path / "r"),
+                env={"POPBENCH_DATA_DIR": str(tmp_path / "empty"), "POPBENCH_CACHE_DIR": str(tmp_path / "cache"),
+                     "POPBENCH_OFFLINE": "1"})
+    assert r.returncode == 2
+    msg = r.stderr.strip()
+    assert len(msg.splitlines()) == 1 and "Traceback" not in msg
+    assert "eb_velocity_v5.npz" in msg and "TrajectoryNet" in msg and "06b92296690840bb4c146085b6cd18ad89667c74" in msg

@@ -1,0 +1,56 @@
+"""One shared conformance check for every registered method and task, and the checker itself."""
+
+import numpy as np
+import pytest
+
+from harness import registry
+from harness.conformance import ConformanceError, check_method, check_task
+from harness.protocol import PopbenchError, Prediction
+from methods.reference import Static
+
+
+@pytest.mark.parametrize("name", list(registry.BUILTIN_METHODS))
+def test_every_builtin_method_conforms(name):
+    cls = registry.methods.load(name)
+    check_method(cls)  # toy OU task, smoke profile: pickles, shapes, finiteness, same seed -> same output
+
+
+@pytest.mark.parametrize("family", list(registry.BUILTIN_TASKS))
+def test_every_builtin_task_conforms(family):
+    cls = registry.tasks.load(family)
+    for variant in cls.variants:
+        try:
+            check_task(cls, variant)
+        except PopbenchError as exc:  # a data file that cannot be had here (the full EB file)
+            if "not found" in str(exc) or "missing" in str(exc).lower():
+                pytest.skip(str(exc))
+            raise
+
+
+class WrongShape(Static):
+    name = "wrong_shape"
+
+    def predict(self, start, times, *, seed):
+        return Prediction(tuple(start.x[:-1] for _ in times))
+
+
+class NotDeterministic(Static):
+    name = "not_deterministic"
+
+    def predict(self, start, times, *, seed):
+        return Prediction(tuple(start.x + np.random.default_rng().normal(size=start.x.shape) for _ in times))
+
+
+class Unpicklable(Static):
+    name = "unpicklable"
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.fn = lambda: None
+
+
+@pytest.mark.parametrize("cls, msg", [(WrongShape, "one row per start row"), (NotDeterministic, "same seed"),
+                                      (Unpicklable, "does not pickle")])
+def test_the_checker_catches_broken_methods(cls, msg):
+    with pytest.raises(ConformanceError, match=msg):
+        check_method(cls)

@@ -286,60 +286,100 @@ OnResult = Callable[[Job, dict], None]
 # Serial executor
 
 
-def _child_main(job: Job, conn) -> None:  # runs in a spawned child process
-    os.environ.update(CPU_ENV)
+def local_gpus() -> int:
+    """GPUs visible to this process (asks torch only when it is installed; 0 otherwise)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
     try:
-        conn.send(run_job(job, num_threads=int(os.environ.get("POPBENCH_THREADS", "1"))))
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return 0
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:
+        return 0
+
+
+def _child_main(job: Job, device: str, env: dict, conn) -> None:  # runs in a spawned child process
+    os.environ.update(env)
+    try:
+        conn.send(run_job(job, num_threads=int(os.environ.get("POPBENCH_THREADS", "1")), device=device))
     except BaseException as exc:  # noqa: BLE001
-        conn.send(failure_result(job, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send(failure_result(job, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(), device))
     finally:
         conn.close()
 
 
 class SerialExecutor:
-    """One job at a time. In this process, or in a killable child process when ``timeout`` is set."""
+    """One job at a time. In this process, or in a killable child process when ``timeout`` is set.
+
+    A job whose method declares ``num_gpus`` runs on ``cuda`` when this machine has a GPU (checked
+    once, lazily); every other job runs on the CPU with ``JAX_PLATFORMS=cpu``.
+    """
 
     name = "serial"
 
     def __init__(self, timeout: float | None = None, num_threads: int | None = None):
         self.timeout = timeout
         self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+        self._gpus: int | None = None
+
+    def placement(self, job: Job) -> tuple[str, dict]:
+        if job.num_gpus > 0:
+            if self._gpus is None:
+                self._gpus = local_gpus()
+            if self._gpus > 0:
+                return "cuda", dict(GPU_ENV)
+        return "cpu", dict(CPU_ENV)
 
     def run(self, jobs: Sequence[Job], on_result: OnResult) -> None:
         for job in jobs:
+            device, env = self.placement(job)
             if self.timeout is None:
-                os.environ.update(CPU_ENV)
-                on_result(job, run_job(job, num_threads=self.num_threads))
+                if device == "cpu" and "torch" not in sys.modules and "jax" not in sys.modules:
+                    os.environ.update(env)  # only before a framework is loaded: it would not see it after
+                elif device != "cpu":
+                    os.environ.update(env)
+                on_result(job, run_job(job, num_threads=self.num_threads, device=device))
             else:
-                on_result(job, self._run_in_child(job))
+                on_result(job, self._run_in_child(job, device, env))
 
-    def _run_in_child(self, job: Job) -> dict:
+    def _run_in_child(self, job: Job, device: str, env: dict) -> dict:
         import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")  # a clean server process, forked per job: fast and thread-safe
+        ctx.set_forkserver_preload(["harness._preload"])
         parent, child = ctx.Pipe(duplex=False)
         os.environ["POPBENCH_THREADS"] = str(self.num_threads)
-        proc = ctx.Process(target=_child_main, args=(job, child), daemon=True)
+        proc = ctx.Process(target=_child_main, args=(job, device, env, child), daemon=True)
         proc.start()
         child.close()
+        from multiprocessing.connection import wait
+
         deadline = time.monotonic() + self.timeout
         result = None
-        while time.monotonic() < deadline:
-            if parent.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
+        while result is None and time.monotonic() < deadline:
+            ready = wait([parent, proc.sentinel], timeout=max(0.0, deadline - time.monotonic()))
+            if parent in ready:
                 try:
                     result = parent.recv()
                 except EOFError:
-                    result = None
+                    break
+            elif proc.sentinel in ready:
+                if parent.poll(0.1):  # the result may have arrived just before the exit
+                    continue
                 break
-            if not proc.is_alive() and not parent.poll(0):
-                break
-        if result is None and proc.is_alive():
+        timed_out = result is None and time.monotonic() >= deadline
+        proc.join(0 if timed_out else 5)  # a dead child's exit status may lag behind its closed pipe
+        if proc.is_alive():
             proc.kill()
             proc.join(5)
-            return failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout")
-        proc.join(5)
+        if timed_out:
+            return failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout", device=device)
         if result is None:
-            return failure_result(job, "failed", f"the job's process died (exit code {proc.exitcode})")
+            return failure_result(job, "failed", f"the job's process died (exit code {proc.exitcode})", device=device)
         return result
 
 

@@ -22,7 +22,7 @@ def _jobs(out):
 def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path):
     out = tmp_path / "run"
     r = run_cli("--tasks", "ou/paired", "--methods", FAULTS + ",harness.testing:Sleeps", "--set",
-                "harness.testing:Sleeps.sleep=60", "--timeout", "8", "--out", str(out), "--no-progress")
+                "harness.testing:Sleeps.sleep=60", "--timeout", "15", "--out", str(out), "--no-progress")
     assert r.returncode == 1, r.stderr
     status = {j["method"]: j["status"] for j in _jobs(out).values()}
     assert status == {

@@ -48,6 +48,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel jobs (Ray)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (implies --executor ray)")
     p.add_argument("--timeout", type=float, default=None, help="per-job timeout in seconds (the job is killed)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per job (serial executor; a Ray job always gets its one CPU)")
     p.add_argument("--out", default=None, help="run directory (default results/runs/<name>)")
     p.add_argument("--name", default=None, help="run name (default: the profile)")
     p.add_argument("--data-dir", default=None, help="where data files live (else $POPBENCH_DATA_DIR, then the cache)")
@@ -190,7 +192,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              "profile": args.profile, "seeds": seeds, "executor": executor,
                              "workers": args.workers, "timeout": args.timeout})
     latest = run_plan(plan, store, executor=executor, workers=args.workers, address=args.address,
-                      timeout=args.timeout, force=args.force, progress=not args.no_progress)
+                      timeout=args.timeout, force=args.force, progress=not args.no_progress, threads=args.threads)
     job_rows = list(latest.values())
     ids = {(r["job_id"], r["attempt_id"]) for r in job_rows}
     target_rows = [r for r in store.read_rows() if r.get("row_type") == "target"

@@ -321,9 +321,9 @@ class SerialExecutor:
 
     name = "serial"
 
-    def __init__(self, timeout: float | None = None, num_threads: int | None = None):
+    def __init__(self, timeout: float | None = None, num_threads: int = 1):
         self.timeout = timeout
-        self.num_threads = num_threads or max(1, os.cpu_count() or 1)
+        self.num_threads = max(1, int(num_threads))  # 1 = what a Ray job gets: serial and Ray agree
         self._gpus: int | None = None
 
     def placement(self, job: Job) -> tuple[str, dict]:

@@ -141,6 +141,7 @@ def run_plan(
     force: bool = False,
     progress: bool = True,
     ray_init: dict | None = None,
+    threads: int = 1,
 ) -> dict[str, dict]:
     """Run the plan's jobs that are not done; return the latest job row per selected job id."""
     done = set() if force else store.done_job_ids()
@@ -149,7 +150,7 @@ def run_plan(
         if executor == "ray":
             ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
         elif executor == "serial":
-            ex = SerialExecutor(timeout=timeout)
+            ex = SerialExecutor(timeout=timeout, num_threads=threads)
         else:
             raise PopbenchError(f"unknown executor {executor!r}; choose serial or ray")
         bar = None

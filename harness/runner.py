@@ -86,11 +86,24 @@ class DivergedError(RuntimeError):
 
 
 def _set_threads(num_threads: int) -> None:
-    """Ray sets OMP_NUM_THREADS per task, but a reused worker keeps torch's first thread count."""
+    """Pin a job to ``num_threads`` CPU threads.
+
+    Ray sets OMP_NUM_THREADS per task, but a reused worker keeps torch's first thread count, and
+    methods import their framework lazily inside ``fit``: so set the environment for a framework
+    not loaded yet, and torch's own setting for one that is.
+    """
+    n = str(max(1, num_threads))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = n
+    if "jax" not in sys.modules and n == "1":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1").strip()
     if "torch" in sys.modules:
         import torch
 
-        torch.set_num_threads(max(1, num_threads))
+        torch.set_num_threads(int(n))
 
 
 def _peak_mem_mb() -> float:
@@ -172,11 +185,11 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
             if sim is None:
                 raise PopbenchError(f"{job.method} needs a simulator and {job.task} has none")
             method.attach_simulator(sim)
-        _set_threads(num_threads)  # the method's imports may have reset it
         phase = "fit"
         t0 = time.perf_counter()
         method.fit(data)
         fit_s = time.perf_counter() - t0
+        _set_threads(num_threads)  # fit imported the framework: pin it for predict too
         cells: dict[TableColumn, float] = {}
         phase = "predict"
         for qi, q in enumerate(queries):

@@ -15,6 +15,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 if "POPBENCH_DATA_DIR" not in os.environ and SHARED_DATA.exists():
     os.environ["POPBENCH_DATA_DIR"] = str(SHARED_DATA)
 os.environ.setdefault("POPBENCH_OFFLINE", "1")
+# One thread per test process, as every job gets: small networks on 2 loaded cores ran up to 40x
+# slower with torch's default thread count. Set before any framework is imported.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="session")

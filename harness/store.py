@@ -139,6 +139,7 @@ class RunStore:
 
     def write_predictions(self, stem: str, arrays: dict) -> str:
         """A job's predicted samples per query (float32, compressed), for figures."""
+        self.ensure()
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", stem) + ".npz"
         path = self.root / "artifacts" / name
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp.npz")

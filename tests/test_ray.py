@@ -32,14 +32,16 @@ def test_faults_under_ray(tmp_path, ray_cluster):
 
 
 def test_gpu_jobs_spread_one_per_gpu_and_cpu_jobs_pin_jax_to_cpu(tmp_path, ray_cluster):
-    plan = plan_jobs("ou/paired", "harness.testing:GpuEnvProbe,harness.testing:EnvProbe", "smoke", [0, 1],
-                     overrides={"*": {"sleep": 3}})
-    latest = run_plan(plan, RunStore(tmp_path), executor="ray", workers=4, progress=False)
-    gpu = [r["learned"] for r in latest.values() if r["method"].endswith("GpuEnvProbe")]
-    cpu = [r["learned"] for r in latest.values() if r["method"].endswith(":EnvProbe")]
+    # two GPU jobs in flight at once (the cluster's 2 CPUs hold exactly two jobs): one per GPU
+    plan = plan_jobs("ou/paired", "harness.testing:GpuEnvProbe", "smoke", [0, 1], overrides={"*": {"sleep": 4}})
+    latest = run_plan(plan, RunStore(tmp_path / "gpu"), executor="ray", workers=2, progress=False)
+    gpu = [r["learned"] for r in latest.values()]
     assert {g["device"] for g in gpu} == {"cuda"}
-    assert sorted(g["CUDA_VISIBLE_DEVICES"] for g in gpu) == ["0", "1"]  # one job per GPU
+    assert sorted(g["CUDA_VISIBLE_DEVICES"] for g in gpu) == ["0", "1"]
     assert {g["XLA_PYTHON_CLIENT_PREALLOCATE"] for g in gpu} == {"false"}
+    plan = plan_jobs("ou/paired", "harness.testing:EnvProbe", "smoke", [0, 1])
+    latest = run_plan(plan, RunStore(tmp_path / "cpu"), executor="ray", workers=2, progress=False)
+    cpu = [r["learned"] for r in latest.values()]
     assert all(c["device"] == "cpu" and c["JAX_PLATFORMS"] == "cpu" and c["CUDA_VISIBLE_DEVICES"] == "" for c in cpu)
 
 

@@ -151,20 +151,7 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
 
     _set_threads(num_threads)
     started = time.time()
-    base = {
-        "job_id": job.job_id,
-        "attempt_id": uuid.uuid4().hex[:12],
-        "task": job.family,
-        "variant": job.variant,
-        "method": job.method,
-        "profile": job.profile,
-        "seed": job.seed,
-        "hparams": job.hparams,
-        "hparams_hash": job.hparams_hash,
-        "device": device,
-        "host": os.uname().nodename,
-        "pid": os.getpid(),
-    }
+    base = _row_base(job, device)
     job_row: dict[str, Any] = {**base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
     target_rows: list[dict] = []
     curves: dict = {}
@@ -270,12 +257,11 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
     return {"job": job_row, "targets": target_rows, "curves": curves, "predictions": predictions}
 
 
-def failure_result(job: Job, status: str, error: str, tb: str | None = None, device: str = "cpu") -> dict:
-    """A result for a job that never returned (timeout, dead worker)."""
-    row = {
+def _row_base(job: Job, device: str) -> dict:
+    """The fields every row of one attempt of a job carries."""
+    return {
         "job_id": job.job_id,
         "attempt_id": uuid.uuid4().hex[:12],
-        "row_type": "job",
         "task": job.family,
         "variant": job.variant,
         "method": job.method,
@@ -284,11 +270,15 @@ def failure_result(job: Job, status: str, error: str, tb: str | None = None, dev
         "hparams": job.hparams,
         "hparams_hash": job.hparams_hash,
         "device": device,
-        "status": status,
-        "error": error,
-        "traceback": tb,
-        "finished_at": time.time(),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
     }
+
+
+def failure_result(job: Job, status: str, error: str, tb: str | None = None, device: str = "cpu") -> dict:
+    """A result for a job that never returned (timeout, dead worker)."""
+    row = {**_row_base(job, device), "row_type": "job", "status": status, "error": error, "traceback": tb,
+           "finished_at": time.time()}
     return {"job": row, "targets": [], "curves": {}}
 
 

@@ -601,8 +601,9 @@ class WLM(Method):
     )
     _table_changes: dict[str, Any] = {}
     on_iteration = None
-    """Optional hook ``f(iteration, parameter_names, ema_tensors, gamma)`` called after every
-    training iteration; for experiments (snapshots of the EMA weights), never set by the harness."""
+    """Optional hook ``f(iteration, potential, ema_tensors, gamma)`` called after every training
+    iteration (``ema_tensors`` in the order of ``potential.parameters()``); for experiments
+    (snapshots of the weights), never set by the harness."""
 
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
@@ -710,7 +711,7 @@ class WLM(Method):
             losses.append(lv)
             gammas.append(float(torch.exp(theta).detach()) if learn else float(hp["friction"]))
             if self.on_iteration is not None:  # experiments only (e.g. snapshots of the EMA)
-                self.on_iteration(it, [n for n, _ in potential.named_parameters()], ema, gammas[-1])
+                self.on_iteration(it, potential, ema, gammas[-1])
             if time.perf_counter() - t_start > max_s:
                 break
 

@@ -18,14 +18,19 @@ run on the same weights and data:
 - plain: what a straightforward implementation does: `nn.MultiheadAttention`'s default path
   (`need_weights=True`), geomloss's `SamplesLoss` as is, and one more force evaluation after the
   last position (it only updates a velocity nobody reads).
-- fast:  the path `WLM.fit` uses: packed projections + batched matmuls (the fused SDPA kernel has
-  no double backward), geomloss's own Sinkhorn algorithm with an in-place soft-min, no wasted
-  force evaluation, and gradients requested for the parameters only.
+- fast:  the path `WLM.fit` uses: packed projections; for head dimensions <= 32 an attention
+  core with a hand-written (itself differentiable) backward whose second derivative makes
+  fewer passes over the N x N matrices (the fused SDPA kernel has no double backward);
+  geomloss's own Sinkhorn algorithm with its no-grad soft-min evaluated in one reused buffer
+  and in base 2; no wasted force evaluation; gradients requested for the parameters only.
 
-Both paths compute the same loss and gradients (tests/test_wlm.py checks it); the script prints
-the loss of each so a reader can see they agree. Data: the real vortex files when
-``POPBENCH_DATA_DIR`` (or ../shared/data) has them, else Gaussian clouds of similar scale; the
-N = 1000 case uses a Gaussian cloud relaxing like the GF-SDE data (N(0, 0.2 I) shrinking).
+Both paths compute the same loss and gradients up to float rounding (tests/test_wlm.py checks
+it in float64); the script prints the loss of each so a reader can see they agree. Timings are
+the minimum over the repeats (the least disturbed by other processes on a shared machine).
+
+Data: the real vortex files when ``POPBENCH_DATA_DIR`` (or ../shared/data) has them, else
+Gaussian clouds of similar scale; the N = 1000 case uses exact OU marginals relaxing like the
+GF-SDE data (N(0, 0.2 I) under V = 5|x|^2, sigma^2 = 1).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
     python run_all.py report results/runs/quick --compare paper          # re-render a stored run
     python run_all.py fetch-data                                        # download + verify data files
     python run_all.py plot --tasks boids                                # PNG of a task's marginals
+    python run_all.py publish --suite table2                            # tables + figures -> results/quick/table2
 
 Bad input (unknown name, empty selection, a method asked for what it cannot do, a missing data
 file) exits with code 2 and one sentence; a sweep in which any job failed exits with code 1.
@@ -24,7 +25,7 @@ from harness.protocol import PROFILES, PopbenchError
 DEFAULT_TASKS = "vortex/interpolation"
 DEFAULT_METHODS = "static,velocity_extrapolation,wlm"
 DEFAULT_PROFILE = "quick"
-COMMANDS = ("report", "fetch-data", "plot", "list")
+COMMANDS = ("report", "fetch-data", "plot", "publish", "list")
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
@@ -90,6 +91,20 @@ def _plot_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="methods whose stored rollouts to draw (with --run)")
     p.add_argument("--curve", default=None, metavar="METHOD.KEY",
                    help="with --run: plot a stored learned curve, e.g. wlm.gamma_curve")
+    return p
+
+
+def _publish_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_all.py publish",
+        description="Write a suite's published outputs from its stored run: tables with the paper's numbers "
+        "beside ours (Markdown, LaTeX, CSV, jobs.csv) and figures (rollouts against the truth, learned curves).")
+    p.add_argument("--suite", required=True, help="table1..table4")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES)
+    p.add_argument("--run", default=None, help="the suite's run directory (default results/runs/<profile>-<suite>)")
+    p.add_argument("--out", default=None, help="output directory (default results/<profile>/<suite>)")
+    p.add_argument("--seed", type=int, default=0, help="the seed whose rollouts the figures show")
+    p.add_argument("--data-dir", default=None)
     return p
 
 
@@ -276,6 +291,51 @@ def cmd_plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_publish(argv: Sequence[str]) -> int:
+    from harness import registry
+    from harness.figures import curve_figure, rollout_figure
+    from harness.store import RunStore
+    from harness.suites import REFERENCE, SUITES
+
+    args = _publish_parser().parse_args(argv)
+    suite = SUITES.get(args.suite)
+    if suite is None:
+        raise PopbenchError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+    run_dir = Path(args.run or Path("results") / "runs" / f"{args.profile}-{args.suite}")
+    out = Path(args.out or Path("results") / args.profile / args.suite)
+    store = RunStore(run_dir)
+    if not store.rows_path.exists():
+        raise PopbenchError(f"{run_dir} has no rows.jsonl: run `python run_all.py --suite {args.suite} "
+                            f"--profile {args.profile}` first")
+    rows = [r for r in store.rows_of_latest_attempts() if r["profile"] == args.profile]
+    job_rows = [r for r in rows if r.get("row_type") == "job"]
+    if not job_rows:
+        raise PopbenchError(f"no {args.profile} rows in {run_dir}")
+    methods = registry.methods.expand(suite.methods)
+    render(job_rows, [r for r in rows if r.get("row_type") == "target"], out, compare="paper",
+           method_order=_method_order(methods), profile=args.profile)
+    learners = [m for m in methods if m not in {*REFERENCE.split(","), "oracle"}]
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    for family, variant in dict.fromkeys((r["task"], r["variant"]) for r in job_rows):
+        path = figs / f"{family}_{variant}_rollouts.png"
+        try:
+            rollout_figure(run_dir, family, variant, learners, path, seed=args.seed, data_dir=args.data_dir)
+            print(f"wrote {path}")
+        except PopbenchError as exc:
+            print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)
+    for family in dict.fromkeys(r["task"] for r in job_rows):
+        for m in ("wlm",):
+            if m in learners:
+                path = figs / f"{family}_{m}_gamma_curve.png"
+                try:
+                    curve_figure(run_dir, m, "gamma_curve", path, family=family, ylabel="learned friction γ")
+                    print(f"wrote {path}")
+                except PopbenchError as exc:
+                    print(f"note: no friction curve for {family}: {exc}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -283,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd, rest = argv[0], argv[1:]
             if cmd == "list":
                 return cmd_list()
-            return {"report": cmd_report, "fetch-data": cmd_fetch, "plot": cmd_plot}[cmd](rest)
+            return {"report": cmd_report, "fetch-data": cmd_fetch, "plot": cmd_plot, "publish": cmd_publish}[cmd](rest)
         args = _sweep_parser().parse_args(argv)
         if args.list:
             return cmd_list()

@@ -132,3 +132,16 @@ def test_a_missing_data_file_exits_2_with_the_file_its_url_and_where_to_put_it(t
     msg = r.stderr.strip()
     assert len(msg.splitlines()) == 1 and "Traceback" not in msg
     assert "eb_velocity_v5.npz" in msg and "TrajectoryNet" in msg and "06b92296690840bb4c146085b6cd18ad89667c74" in msg
+
+
+def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "published"
+    r = run_cli("--tasks", "ou/paired", "--methods", "static,oracle", "--out", str(run), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("publish", "--suite", "table1", "--run", str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {"ou.md", "ou.tex", "ou_aggregate.csv", "jobs.csv"} <= {p.name for p in out.iterdir()}
+    assert "static" in (out / "ou.md").read_text()
+    missing = run_cli("publish", "--suite", "table1", "--run", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "--suite table1" in missing.stderr

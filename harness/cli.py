@@ -41,7 +41,7 @@ def _sweep_parser() -> argparse.ArgumentParser:
                    help="method names, globs or package.module:Class references, comma-separated")
     p.add_argument("--suite", default=None, help="a named suite (table1..table4); sets --tasks/--methods")
     p.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES, help="hyperparameter budget")
-    p.add_argument("--seeds", default="0", help="seeds: 0,1,2 or 0-2")
+    p.add_argument("--seeds", default=None, help="seeds: 0,1,2 or 0-2 (default 0; a suite's own, 0,1,2, with --suite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="override a hyperparameter (JSON value), for one method or all")
     p.add_argument("--executor", default=None, choices=("serial", "ray"),
@@ -186,7 +186,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         apply_suite(args)
     if args.data_dir:
         os.environ["POPBENCH_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds or "0")
     plan = plan_jobs(args.tasks, args.methods, args.profile, seeds, parse_overrides(args.overrides), args.data_dir)
     run_dir = Path(args.out) if args.out else default_run_dir(args.name, args.profile)
     store = RunStore(run_dir)

@@ -75,7 +75,7 @@ def apply_suite(args: argparse.Namespace) -> None:
               "(real EB cells, 300 per day, no velocities; not comparable with published numbers)", file=sys.stderr)
         args.tasks = "eb300"
     args.methods = suite.methods
-    if args.seeds == "0":  # the parser's default: use the suite's
+    if args.seeds is None:  # not given: the suite's own
         args.seeds = suite.seeds[args.profile]
     if not args.name and not args.out:
         args.name = f"{args.profile}-{args.suite}"

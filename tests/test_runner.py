@@ -145,3 +145,11 @@ def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
     missing = run_cli("publish", "--suite", "table1", "--run", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--suite table1" in missing.stderr
+
+
+def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
+    out = str(tmp_path / "r")
+    r = run_cli("--suite", "table4", "--dry-run", "--out", out)
+    assert r.returncode == 0 and "42 jobs" in r.stdout  # 2 variants x 7 rows x seeds 0,1,2
+    r = run_cli("--suite", "table4", "--seeds", "0", "--dry-run", "--out", out)
+    assert r.returncode == 0 and "14 jobs" in r.stdout

@@ -314,6 +314,12 @@ def cmd_publish(argv: Sequence[str]) -> int:
     methods = registry.methods.expand(suite.methods)
     render(job_rows, [r for r in rows if r.get("row_type") == "target"], out, compare="paper",
            method_order=_method_order(methods), profile=args.profile)
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("environment.json", "invocations.jsonl"):  # provenance: versions, git revision, commands
+        if (run_dir / name).exists():
+            shutil.copyfile(run_dir / name, out / name)
     learners = [m for m in methods if m not in {*REFERENCE.split(","), "oracle"}]
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("publish", "--suite", "table1", "--run", str(run), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert {"ou.md", "ou.tex", "ou_aggregate.csv", "jobs.csv"} <= {p.name for p in out.iterdir()}
+    assert {"ou.md", "ou.tex", "ou_aggregate.csv", "jobs.csv", "environment.json"} <= {p.name for p in out.iterdir()}
     assert "static" in (out / "ou.md").read_text()
     missing = run_cli("publish", "--suite", "table1", "--run", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

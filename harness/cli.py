@@ -330,15 +330,19 @@ def cmd_publish(argv: Sequence[str]) -> int:
             print(f"wrote {path}")
         except PopbenchError as exc:
             print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)
+    # learned curves worth a figure: method -> (curve key, axis label, the hparam that makes it learned)
+    curves = {"wlm": ("gamma_curve", "learned friction γ", "learn_friction")}
     for family in dict.fromkeys(r["task"] for r in job_rows):
-        for m in ("wlm",):
-            if m in learners:
-                path = figs / f"{family}_{m}_gamma_curve.png"
-                try:
-                    curve_figure(run_dir, m, "gamma_curve", path, family=family, ylabel="learned friction γ")
-                    print(f"wrote {path}")
-                except PopbenchError as exc:
-                    print(f"note: no friction curve for {family}: {exc}", file=sys.stderr)
+        for m, (key, label, flag) in curves.items():
+            if m not in learners or not any(r["method"] == m and r["task"] == family and r.get("hparams", {}).get(flag)
+                                            for r in job_rows):
+                continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
+            path = figs / f"{family}_{m}_{key}.png"
+            try:
+                curve_figure(run_dir, m, key, path, family=family, ylabel=label)
+                print(f"wrote {path}")
+            except PopbenchError as exc:
+                print(f"note: no {key} figure for {family}: {exc}", file=sys.stderr)
     return 0
 
 

@@ -103,6 +103,7 @@ def _publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES)
     p.add_argument("--run", default=None, help="the suite's run directory (default results/runs/<profile>-<suite>)")
     p.add_argument("--out", default=None, help="output directory (default results/<profile>/<suite>)")
+    p.add_argument("--seeds", default=None, help="only these seeds (e.g. 0 or 0-2; default: every seed in the run)")
     p.add_argument("--seed", type=int, default=0, help="the seed whose rollouts the figures show")
     p.add_argument("--data-dir", default=None)
     return p
@@ -308,6 +309,13 @@ def cmd_publish(argv: Sequence[str]) -> int:
         raise PopbenchError(f"{run_dir} has no rows.jsonl: run `python run_all.py --suite {args.suite} "
                             f"--profile {args.profile}` first")
     rows = [r for r in store.rows_of_latest_attempts() if r["profile"] == args.profile]
+    if args.seeds:
+        from harness.sweep import parse_seeds
+
+        keep: set[int] | None = set(parse_seeds(args.seeds))
+        rows = [r for r in rows if r["seed"] in keep]
+    else:
+        keep = None
     job_rows = [r for r in rows if r.get("row_type") == "job"]
     if not job_rows:
         raise PopbenchError(f"no {args.profile} rows in {run_dir}")
@@ -339,7 +347,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
                 continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
             path = figs / f"{family}_{m}_{key}.png"
             try:
-                curve_figure(run_dir, m, key, path, family=family, ylabel=label)
+                curve_figure(run_dir, m, key, path, family=family, ylabel=label, seeds=keep)
                 print(f"wrote {path}")
             except PopbenchError as exc:
                 print(f"note: no {key} figure for {family}: {exc}", file=sys.stderr)

@@ -65,14 +65,14 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
 
 
 def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, family: str | None = None,
-                 ylabel: str | None = None) -> Path:
+                 ylabel: str | None = None, seeds: set[int] | None = None) -> Path:
     """One line per (variant, seed) of a stored learned curve, e.g. ``gamma_curve`` of ``wlm``."""
     store = RunStore(run_dir)
     curves = {}
     for r in store.latest_jobs().values():
         if r["method"] != method or r.get("status") != "ok" or not r.get("artifact"):
             continue
-        if family and r["task"] != family:
+        if (family and r["task"] != family) or (seeds is not None and r["seed"] not in seeds):
             continue
         data = json.loads((store.root / r["artifact"]).read_text())
         if key in data:

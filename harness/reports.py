@@ -226,7 +226,7 @@ def build_table(
     latex_rows: list[list[str]] = []
     footnotes: list[str] = []
     flagged = False
-    disagreements = 0
+    disagreements = compared = 0
     for variant in variants:
         vfam = fam if not by_variant else fam[fam.variant == variant]
         vcolkeys = colkeys if not by_variant else list(dict.fromkeys(
@@ -287,6 +287,7 @@ def build_table(
                     if pv is not None:
                         ok_ = agrees(mean, se, *pv)
                         disagreements += not ok_
+                        compared += 1
                         ptxt = _fmt(pv[0], pv[1], digits)
                         text += f" [paper {ptxt} {'✓' if ok_ else '✗'}]"
                         mark = "" if ok_ else r" $\times$"
@@ -312,11 +313,13 @@ def build_table(
         footnotes.append("† does not beat `static` on this column.")
     if any("(v)" in lbl for lbl, _ in rows):
         footnotes.append("(v) = the method used the task's observed velocities.")
-    if paper is not None:
+    if paper is not None and compared:
         footnotes.append(
             "[paper …] = the published number; ✓ agrees within combined error bars (our SE + the paper's ±), "
-            f"✗ does not ({disagreements} cells disagree)."
+            f"✗ does not ({disagreements} of {compared} cells disagree)."
         )
+    elif paper is not None:
+        footnotes.append(f"The paper publishes no numbers for {family}: nothing to compare.")
     title = f"{family}" + (" (per variant)" if by_variant else "")
     return Table(title, caption, columns, rows, latex_rows, footnotes, agg)
 

@@ -91,6 +91,13 @@ def test_compare_paper_puts_the_published_number_beside_ours():
     assert "[paper 0.039 ± 0.002 ✓]" in cell
     published = dict(t.rows)
     assert "curly_fm (published)" in published and published["curly_fm (published)"][0] == "0.019 ± 0.003"
+    assert any("0 of 1 cells disagree" in f for f in t.footnotes)
+
+
+def test_compare_paper_on_a_family_without_published_numbers_says_so():
+    t = build_table(cells_frame(ROWS), "fam", compare="paper", paper_table={})
+    assert not any("[paper" in c for _, cells in t.rows for c in cells)
+    assert any("publishes no numbers for fam" in f for f in t.footnotes)
 
 
 def test_agreement_rule():

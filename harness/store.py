@@ -8,7 +8,8 @@ Layout of a run directory:
   that had not finished and never leaves half a job. A torn last line (power loss) is ignored on
   read and fenced off with a newline on the next append.
 - ``invocations.jsonl``: every command that wrote to the run, with its resolved settings.
-- ``environment.json``: package versions, git revision, platform, CPU/GPU of the latest invocation.
+- ``environment.json``: package versions, git revision, platform, CPU/GPU of the latest invocation
+  (``invocations.jsonl`` keeps every invocation's revision and versions).
 - ``artifacts/<attempt>_<job_id>.json``: a job's curves (loss, friction, σ² per iteration, ...);
   ``artifacts/<attempt>_<job_id>.npz``: its predicted samples per query (float32), for figures.
 
@@ -149,9 +150,11 @@ class RunStore:
 
     def record_invocation(self, config: dict) -> None:
         self.ensure()
-        with open(self.root / "invocations.jsonl", "a") as fh:
-            fh.write(dumps({"time": time.time(), **config}) + "\n")
-        atomic_write_text(self.root / "environment.json", dumps(environment()) + "\n")
+        env = environment()
+        with open(self.root / "invocations.jsonl", "a") as fh:  # each invocation keeps its own revision
+            fh.write(dumps({"time": time.time(), **config, "git_revision": env["git_revision"],
+                            "versions": env["versions"]}) + "\n")
+        atomic_write_text(self.root / "environment.json", dumps(env) + "\n")
 
 
 def git_revision() -> str | None:

@@ -179,10 +179,12 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
         _set_threads(num_threads)  # fit imported the framework: pin it for predict too
         cells: dict[TableColumn, float] = {}
         phase = "predict"
+        starts_had_velocities = False
         for qi, q in enumerate(queries):
             start, times = q.request()
             if not caps.uses_velocities:
                 start = start.without_velocities()
+            starts_had_velocities |= start.v is not None
             ask = [
                 (caps.interpolate if target_within_training(t, data) else caps.forecast) for t in times
             ]
@@ -232,7 +234,9 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
         ]
         scalars, curves = _split_learned(method.learned())
         job_row["learned"] = scalars
-        job_row["used_velocities"] = bool(method.used_velocities)
+        # (v) only when velocities reached the method: a velocity-reading method on a task without
+        # them (eb300) used none
+        job_row["used_velocities"] = bool(method.used_velocities) and starts_had_velocities
     except DivergedError as exc:
         job_row.update(status="diverged", error=str(exc), traceback=traceback.format_exc())
         target_rows, predictions = [], {}

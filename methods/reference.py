@@ -36,16 +36,11 @@ class VelocityExtrapolation(Method):
 
     def predict(self, start: Marginal, times: Sequence[float], *, seed: int) -> Prediction:
         v = start.v if start.v is not None else np.zeros_like(start.x)
-        self._had_velocities = self._had_velocities or start.v is not None
+        self._had_velocities = start.v is not None
         return Prediction(tuple(start.x + (t - start.t) * v for t in times))
 
     def learned(self) -> dict:
         return {"start_velocities": bool(getattr(self, "_had_velocities", False))}
-
-    @property
-    def used_velocities(self) -> bool:
-        """Only when a query's start marginal had velocities (without them this is `static`)."""
-        return bool(getattr(self, "_had_velocities", False))
 
 
 class Oracle(Method):

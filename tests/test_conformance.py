@@ -55,15 +55,3 @@ def test_the_checker_catches_broken_methods(cls, msg):
     with pytest.raises(ConformanceError, match=msg):
         check_method(cls)
 
-
-def test_velocity_extrapolation_is_marked_as_using_velocities_only_when_it_had_them():
-    from harness.protocol import Marginal, TrainData
-    from methods.reference import VelocityExtrapolation
-
-    x = np.zeros((4, 2))
-    m = VelocityExtrapolation({})
-    m.fit(TrainData(marginals=(Marginal(0.0, x), Marginal(1.0, x)), family="toy", variant="v"))
-    m.predict(Marginal(0.0, x), [1.0], seed=0)
-    assert not m.used_velocities
-    m.predict(Marginal(0.0, x, v=np.ones_like(x)), [1.0], seed=0)
-    assert m.used_velocities

@@ -153,3 +153,12 @@ def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
     assert r.returncode == 0 and "42 jobs" in r.stdout  # 2 variants x 7 rows x seeds 0,1,2
     r = run_cli("--suite", "table4", "--seeds", "0", "--dry-run", "--out", out)
     assert r.returncode == 0 and "14 jobs" in r.stdout
+
+
+def test_a_velocity_reading_method_is_marked_only_when_the_task_gave_it_velocities():
+    from harness.runner import Job, run_job
+
+    with_v = run_job(Job("ou", "paired", "velocity_extrapolation", "quick", 0))["job"]
+    without_v = run_job(Job("eb300", "holdout-1", "velocity_extrapolation", "quick", 0))["job"]
+    assert with_v["status"] == without_v["status"] == "ok"
+    assert with_v["used_velocities"] and not without_v["used_velocities"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -226,15 +227,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(argv: Sequence[str]) -> int:
-    from harness import registry
+def _stored_rows(run_dir, missing: str) -> list[dict]:
+    """Rows of the latest attempt of every job in a run directory; ``missing`` ends the error."""
     from harness.store import RunStore
 
-    args = _report_parser().parse_args(argv)
-    store = RunStore(args.run_dir)
+    store = RunStore(run_dir)
     if not store.rows_path.exists():
-        raise PopbenchError(f"{args.run_dir} has no rows.jsonl: not a popbench run directory")
-    rows = store.rows_of_latest_attempts()
+        raise PopbenchError(f"{run_dir} has no rows.jsonl: {missing}")
+    return store.rows_of_latest_attempts()
+
+
+def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(job rows, target rows)."""
+    return ([r for r in rows if r.get("row_type") == "job"], [r for r in rows if r.get("row_type") == "target"])
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from harness import registry
+
+    args = _report_parser().parse_args(argv)
+    rows = _stored_rows(args.run_dir, "not a popbench run directory")
     if args.tasks:
         pairs = set(registry.expand_tasks(args.tasks))
         rows = [r for r in rows if (r["task"], r["variant"]) in pairs]
@@ -243,11 +255,11 @@ def cmd_report(argv: Sequence[str]) -> int:
         rows = [r for r in rows if r["method"] in names]
     if args.profile:
         rows = [r for r in rows if r["profile"] == args.profile]
-    job_rows = [r for r in rows if r.get("row_type") == "job"]
+    job_rows, target_rows = _split(rows)
     if not job_rows:
         raise PopbenchError(f"no result rows in {args.run_dir} match the selection")
     profiles = sorted({r["profile"] for r in job_rows})
-    render(job_rows, [r for r in rows if r.get("row_type") == "target"],
+    render(job_rows, target_rows,
            Path(args.out) if args.out else Path(args.run_dir) / "tables", compare=args.compare,
            method_order=_method_order(list(dict.fromkeys(r["method"] for r in job_rows))),
            profile="/".join(profiles))
@@ -295,35 +307,23 @@ def cmd_plot(argv: Sequence[str]) -> int:
 def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
     from harness.figures import curve_figure, rollout_figure
-    from harness.store import RunStore
-    from harness.suites import REFERENCE, SUITES
+    from harness.suites import REFERENCE, get_suite, run_name
+    from harness.sweep import default_run_dir, parse_seeds
 
     args = _publish_parser().parse_args(argv)
-    suite = SUITES.get(args.suite)
-    if suite is None:
-        raise PopbenchError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
-    run_dir = Path(args.run or Path("results") / "runs" / f"{args.profile}-{args.suite}")
+    suite = get_suite(args.suite)
+    run_dir = Path(args.run) if args.run else default_run_dir(run_name(args.suite, args.profile), args.profile)
     out = Path(args.out or Path("results") / args.profile / args.suite)
-    store = RunStore(run_dir)
-    if not store.rows_path.exists():
-        raise PopbenchError(f"{run_dir} has no rows.jsonl: run `python run_all.py --suite {args.suite} "
-                            f"--profile {args.profile}` first")
-    rows = [r for r in store.rows_of_latest_attempts() if r["profile"] == args.profile]
-    if args.seeds:
-        from harness.sweep import parse_seeds
-
-        keep: set[int] | None = set(parse_seeds(args.seeds))
+    rows = [r for r in _stored_rows(run_dir, f"run `python run_all.py --suite {args.suite} --profile "
+                                              f"{args.profile}` first") if r["profile"] == args.profile]
+    keep = set(parse_seeds(args.seeds)) if args.seeds else None
+    if keep is not None:
         rows = [r for r in rows if r["seed"] in keep]
-    else:
-        keep = None
-    job_rows = [r for r in rows if r.get("row_type") == "job"]
+    job_rows, target_rows = _split(rows)
     if not job_rows:
         raise PopbenchError(f"no {args.profile} rows in {run_dir}")
     methods = registry.methods.expand(suite.methods)
-    render(job_rows, [r for r in rows if r.get("row_type") == "target"], out, compare="paper",
-           method_order=_method_order(methods), profile=args.profile)
-    import shutil
-
+    render(job_rows, target_rows, out, compare="paper", method_order=_method_order(methods), profile=args.profile)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("environment.json", "invocations.jsonl"):  # provenance: versions, git revision, commands
         if (run_dir / name).exists():

@@ -62,11 +62,21 @@ def _eb_available(data_dir: str | None) -> bool:
         return False
 
 
+def get_suite(name: str) -> Suite:
+    suite = SUITES.get(name)
+    if suite is None:
+        raise PopbenchError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    return suite
+
+
+def run_name(suite: str, profile: str) -> str:
+    """The run a suite writes to (``results/runs/<profile>-<suite>``) and ``publish`` reads from."""
+    return f"{profile}-{suite}"
+
+
 def apply_suite(args: argparse.Namespace) -> None:
     """Fill ``--tasks``, ``--methods``, ``--seeds``, ``--name`` from ``--suite``."""
-    suite = SUITES.get(args.suite)
-    if suite is None:
-        raise PopbenchError(f"unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}")
+    suite = get_suite(args.suite)
     args.tasks = suite.tasks
     if args.suite == "table3" and not _eb_available(args.data_dir or os.environ.get("POPBENCH_DATA_DIR")):
         import sys
@@ -78,4 +88,4 @@ def apply_suite(args: argparse.Namespace) -> None:
     if args.seeds is None:  # not given: the suite's own
         args.seeds = suite.seeds[args.profile]
     if not args.name and not args.out:
-        args.name = f"{args.profile}-{args.suite}"
+        args.name = run_name(args.suite, args.profile)

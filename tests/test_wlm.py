@@ -118,13 +118,19 @@ def test_attention_core_second_derivatives():
     assert torch.autograd.gradgradcheck(f, (q, k, v))
 
 
-def _rollout_grads(pot, mode: str, dtype=torch.float64):
+# CUDA where this machine has one (CI has none; run there on a GPU machine): the fast path's
+# hand-written attention backward and in-place soft-min must agree on both backends.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
+
+
+def _rollout_grads(pot, mode: str, dtype=torch.float64, device="cpu"):
     pot.set_attention(mode)
     g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(40, 2, generator=g, dtype=dtype)
-    v0 = 0.3 * torch.randn(40, 2, generator=g, dtype=dtype)
-    ys = [0.8 * torch.randn(50, 2, generator=g, dtype=dtype) + 0.2 * j for j in (1, 2)]
-    gamma = torch.tensor(0.7, dtype=dtype, requires_grad=True)
+    x0 = torch.randn(40, 2, generator=g, dtype=dtype).to(device)
+    v0 = 0.3 * torch.randn(40, 2, generator=g, dtype=dtype).to(device)
+    ys = [(0.8 * torch.randn(50, 2, generator=g, dtype=dtype) + 0.2 * j).to(device) for j in (1, 2)]
+    gamma = torch.tensor(0.7, dtype=dtype, device=device, requires_grad=True)
     loss_fn = wlm.sinkhorn_loss(2, 0.1, fast=(mode == "fast"))
     loss = wlm.rollout_loss(pot, loss_fn, x0, v0, ys, 0.0, [(0.1, 2), (0.1, 1)], gamma,
                             final_force=(mode == "plain"))
@@ -133,15 +139,16 @@ def _rollout_grads(pot, mode: str, dtype=torch.float64):
     return float(loss.detach()), [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,hidden,time_features", [(2, 16, 0), (1, 64, 16)])
-def test_fast_path_equals_plain_path(heads, hidden, time_features):
+def test_fast_path_equals_plain_path(heads, hidden, time_features, device):
     """Same loss and gradients: fused/hand-written attention + in-place Sinkhorn soft-min vs
     nn.MultiheadAttention's need_weights=True path + geomloss's SamplesLoss (float64)."""
     torch.manual_seed(2)
     pot = wlm._build_potential(2, _tiny_hp(heads=heads, hidden=hidden, blocks=2,
-                                            time_features=time_features)).double().eval()
-    l_plain, g_plain = _rollout_grads(pot, "plain")
-    l_fast, g_fast = _rollout_grads(pot, "fast")
+                                            time_features=time_features)).double().eval().to(device)
+    l_plain, g_plain = _rollout_grads(pot, "plain", device=device)
+    l_fast, g_fast = _rollout_grads(pot, "fast", device=device)
     assert math.isclose(l_plain, l_fast, rel_tol=1e-9)
     for a, b in zip(g_plain, g_fast):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
@@ -164,11 +171,12 @@ def test_fast_sinkhorn_is_geomloss_float32():
         torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-4 * scale)
 
 
-def test_inference_force_equals_training_force():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_force_equals_training_force(device):
     """SDPA (no graph) and the double-differentiable attention give the same force."""
     torch.manual_seed(4)
-    pot = wlm._build_potential(2, _tiny_hp(heads=4, hidden=32)).eval()
-    x = torch.randn(64, 2)
+    pot = wlm._build_potential(2, _tiny_hp(heads=4, hidden=32)).eval().to(device)
+    x = torch.randn(64, 2).to(device)
     torch.testing.assert_close(wlm.force(pot, x, 0.0, create_graph=False),
                                wlm.force(pot, x, 0.0, create_graph=True), rtol=1e-4, atol=1e-5)
 

@@ -36,11 +36,14 @@ def _sweep_parser() -> argparse.ArgumentParser:
         f"Other commands: {', '.join(COMMANDS)} (e.g. `run_all.py report --help`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--tasks", default=DEFAULT_TASKS,
-                   help="task families, family/variant names or globs, comma-separated (e.g. gf_sde/*-unpaired)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="method names, globs or package.module:Class references, comma-separated")
-    p.add_argument("--suite", default=None, help="a named suite (table1..table4); sets --tasks/--methods")
+    p.add_argument("--tasks", default=None,
+                   help="task families, family/variant names or globs, comma-separated (e.g. gf_sde/*-unpaired); "
+                   f"default {DEFAULT_TASKS}, or the suite's; with --suite, a subset of the suite's")
+    p.add_argument("--methods", default=None,
+                   help="method names, globs or package.module:Class references, comma-separated; "
+                   f"default {DEFAULT_METHODS}, or the suite's; with --suite, a subset of the suite's")
+    p.add_argument("--suite", default=None,
+                   help="a named suite (table1..table4): its tasks, methods, seeds and run name")
     p.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES, help="hyperparameter budget")
     p.add_argument("--seeds", default=None, help="seeds: 0,1,2 or 0-2 (default 0; a suite's own, 0,1,2, with --suite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
@@ -186,6 +189,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from harness.suites import apply_suite
 
         apply_suite(args)
+    args.tasks = args.tasks or DEFAULT_TASKS
+    args.methods = args.methods or DEFAULT_METHODS
     if args.data_dir:
         os.environ["POPBENCH_DATA_DIR"] = str(Path(args.data_dir).resolve())
     seeds = parse_seeds(args.seeds or "0")

@@ -74,17 +74,38 @@ def run_name(suite: str, profile: str) -> str:
     return f"{profile}-{suite}"
 
 
+def _restrict(given: str | None, full: str, expand, what: str, suite: str) -> str:
+    """The suite's ``full`` selection, or the part of it that ``given`` names (an error if
+    ``given`` names something outside the suite: a silently different table is worse)."""
+    if not given:
+        return full
+    allowed = expand(full)
+    picked = expand(given)
+    outside = [p for p in picked if p not in allowed]
+    if outside:
+        shown = ", ".join("/".join(p) if isinstance(p, tuple) else p for p in outside)
+        raise PopbenchError(f"--{what} {given!r}: {shown} not in suite {suite} ({full}); "
+                            f"drop --suite to run arbitrary {what}")
+    return ",".join("/".join(p) if isinstance(p, tuple) else p for p in picked)
+
+
 def apply_suite(args: argparse.Namespace) -> None:
-    """Fill ``--tasks``, ``--methods``, ``--seeds``, ``--name`` from ``--suite``."""
+    """Fill ``--tasks``, ``--methods``, ``--seeds``, ``--name`` from ``--suite``. Tasks or methods
+    given on the command line select a subset of the suite's (e.g. its cheap rows only); the run
+    name stays the suite's, so the subset's rows land where ``publish`` looks for them."""
+    from harness import registry
+
     suite = get_suite(args.suite)
-    args.tasks = suite.tasks
+    tasks = suite.tasks
     if args.suite == "table3" and not _eb_available(args.data_dir or os.environ.get("POPBENCH_DATA_DIR")):
         import sys
 
         print("note: the full EB file eb_velocity_v5.npz is not available: table3 runs on the eb300 stand-in "
               "(real EB cells, 300 per day, no velocities; not comparable with published numbers)", file=sys.stderr)
-        args.tasks = "eb300"
-    args.methods = suite.methods
+        tasks = "eb300"
+    args.tasks = _restrict(getattr(args, "tasks", None), tasks, registry.expand_tasks, "tasks", args.suite)
+    args.methods = _restrict(getattr(args, "methods", None), suite.methods, registry.methods.expand, "methods",
+                             args.suite)
     if args.seeds is None:  # not given: the suite's own
         args.seeds = suite.seeds[args.profile]
     if not args.name and not args.out:

@@ -155,6 +155,18 @@ def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
     assert r.returncode == 0 and "14 jobs" in r.stdout
 
 
+def test_methods_or_tasks_with_a_suite_select_a_subset_of_it(tmp_path):
+    out = str(tmp_path / "r")
+    r = run_cli("--suite", "table4", "--seeds", "0", "--methods", "static,nn_appex", "--tasks", "boids/unseen-init",
+                "--dry-run", "--out", out)
+    assert r.returncode == 0 and "2 jobs" in r.stdout
+    rows = [ln for ln in r.stdout.splitlines() if "| boids" in ln]
+    assert {ln.split("|")[2].strip() for ln in rows} == {"static", "nn_appex"}
+    # a method outside the suite is an error, not a silently different table
+    bad = run_cli("--suite", "table4", "--methods", "am", "--dry-run", "--out", out)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not in suite table4" in bad.stderr
+
+
 def test_a_velocity_reading_method_is_marked_only_when_the_task_gave_it_velocities():
     from harness.runner import Job, run_job
 

@@ -151,16 +151,21 @@ def cmd_list(out=sys.stdout) -> int:
     return 0
 
 
-def _paper_tables(families) -> dict:
+def _task_attr(families, attr: str, empty):
+    """A task class attribute per family (``empty`` for a family no longer registered)."""
     from harness import registry
 
     out = {}
     for f in families:
         try:
-            out[f] = dict(registry.tasks.load(f).paper_table)
+            out[f] = getattr(registry.tasks.load(f), attr)
         except PopbenchError:
-            out[f] = {}
+            out[f] = empty
     return out
+
+
+def _paper_tables(families) -> dict:
+    return {f: dict(v) for f, v in _task_attr(families, "paper_table", {}).items()}
 
 
 def _method_order(methods_selected: Sequence[str]) -> list[str]:
@@ -175,7 +180,8 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
 
     families = list(dict.fromkeys(r["task"] for r in job_rows))
     tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
-                          profile=profile, hardware=hardware_summary(), paper_tables=_paper_tables(families))
+                          profile=profile, hardware=hardware_summary(), paper_tables=_paper_tables(families),
+                          notes=_task_attr(families, "table_note", ""))
     for t in tables:
         print("\n" + t.markdown(), file=stream)
     print(f"Tables (Markdown, LaTeX, CSV) written to {out_dir}", file=stream)

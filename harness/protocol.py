@@ -309,6 +309,8 @@ class Task(abc.ABC):
     """Family-level comparison with the paper: column group -> (paper table number, paper variant
     name in ``paper_results.csv``), e.g. ``{"paired": (1, "mean-of-5/paired")}``. Empty when the
     family has no published counterpart (the ``eb300`` stand-in, the toy task)."""
+    table_note: ClassVar[str] = ""
+    """A sentence every table of this family carries under it (e.g. that the data are a stand-in)."""
 
     def __init__(self, variant: str, *, seed: int = 0, data_dir: str | None = None):
         if variant not in self.variants:

@@ -196,6 +196,7 @@ def build_table(
     profile: str = "",
     hardware: str = "",
     digits: int = 3,
+    note: str = "",
 ) -> Table:
     """The family's table (or its per-variant table) from a cells frame of that family."""
     fam = cells[cells.task == family]
@@ -320,6 +321,8 @@ def build_table(
         )
     elif paper is not None:
         footnotes.append(f"The paper publishes no numbers for {family}: nothing to compare.")
+    if note:
+        footnotes.append(note)
     title = f"{family}" + (" (per variant)" if by_variant else "")
     return Table(title, caption, columns, rows, latex_rows, footnotes, agg)
 
@@ -407,6 +410,7 @@ def write_report(
     hardware: str = "",
     paper_tables: dict[str, dict] | None = None,
     per_variant_families: Sequence[str] = ("gf_sde",),
+    notes: dict[str, str] | None = None,
 ) -> list[Table]:
     """Write Markdown, LaTeX and CSV tables per task family into ``out_dir``; return the tables."""
     out = Path(out_dir)
@@ -417,7 +421,8 @@ def write_report(
         pt = (paper_tables or {}).get(family, {})
         for by_variant in (False, True) if family in per_variant_families else (False,):
             t = build_table(cells, family, by_variant=by_variant, compare=compare, paper_table=pt,
-                            method_order=method_order, profile=profile, hardware=hardware)
+                            method_order=method_order, profile=profile, hardware=hardware,
+                            note=(notes or {}).get(family, ""))
             stem = family + ("_per_variant" if by_variant else "")
             (out / f"{stem}.md").write_text(t.markdown())
             (out / f"{stem}.tex").write_text(t.latex())

@@ -146,6 +146,8 @@ class EB300(EB):
         "cells, 300 per day, 5-D whitened, no velocities; leave-one-out of day 1, 2 or 3"
     )
     paper_table = {}
+    table_note = ("eb300 is a stand-in (real EB cells, 300 per day, 5-D whitened, no velocities), "
+                  "not the paper's EB data: its numbers are not comparable with the paper's Table 3.")
     _file = EB300_FILE
     _paper_variant = None
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from harness.reports import agrees, build_table, cells_frame
+from harness.reports import agrees, build_table, cells_frame, write_report
 
 
 def _job(method, variant, seed, cells, status="ok", family="fam", used_v=False):
@@ -98,6 +98,16 @@ def test_compare_paper_on_a_family_without_published_numbers_says_so():
     t = build_table(cells_frame(ROWS), "fam", compare="paper", paper_table={})
     assert not any("[paper" in c for _, cells in t.rows for c in cells)
     assert any("publishes no numbers for fam" in f for f in t.footnotes)
+
+
+def test_a_task_table_note_is_printed_under_every_table_of_the_family(tmp_path):
+    from tasks.eb import EB300
+
+    assert "stand-in" in EB300.table_note
+    rows = [_job("wlm", "holdout-1", 0, {("eb300", "w1_holdout_1"): 0.9}, family="eb300")]
+    tables = write_report(rows, [], tmp_path, compare="paper", notes={"eb300": EB300.table_note})
+    assert EB300.table_note in tables[0].markdown()
+    assert "stand-in" in (tmp_path / "eb300.md").read_text()
 
 
 def test_agreement_rule():

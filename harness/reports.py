@@ -168,8 +168,17 @@ class Table:
         df = pd.DataFrame([cells for cells in self.latex_cells], columns=self.columns,
                           index=[label for label, _ in self.rows])
         styler = df.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
-        caption = _latex_escape(self.caption)
+        # the caption carries the footnotes too: the marks in the LaTeX cells ($^\dagger$, $\times$)
+        # need the same explanation as in Markdown
+        caption = " ".join([_latex_escape(self.caption), *(_latex_note(n) for n in self.footnotes)])
         return styler.to_latex(hrules=True, caption=caption, position_float="centering")
+
+
+def _latex_note(note: str) -> str:
+    """A Markdown footnote in the LaTeX cells' own marks (agreeing cells carry no mark there)."""
+    s = _latex_escape(note.replace("`", ""))
+    return (s.replace("✓ agrees", "unmarked: agrees").replace("✗ does not", r"$\times$: does not")
+            .replace("†", r"$^\dagger$").replace("…", r"\ldots{}"))
 
 
 def _latex_escape(s: str) -> str:

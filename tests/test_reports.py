@@ -53,7 +53,7 @@ fam: exact W1 (lower is better), each cell averages the family's variants per se
 
 GOLDEN_TEX = r"""\begin{table}
 \centering
-\caption{fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean $\pm$ SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; --- = the method cannot answer (interpolation-only).}
+\caption{fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean $\pm$ SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; --- = the method cannot answer (interpolation-only). $^\dagger$ does not beat static on this column.}
 \begin{tabular}{lll}
 \toprule
  & Train W1 & Forecast W1 \\
@@ -108,6 +108,7 @@ def test_a_task_table_note_is_printed_under_every_table_of_the_family(tmp_path):
     tables = write_report(rows, [], tmp_path, compare="paper", notes={"eb300": EB300.table_note})
     assert EB300.table_note in tables[0].markdown()
     assert "stand-in" in (tmp_path / "eb300.md").read_text()
+    assert "stand-in" in (tmp_path / "eb300.tex").read_text()  # LaTeX captions carry the footnotes
 
 
 def test_agreement_rule():

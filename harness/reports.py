@@ -174,11 +174,16 @@ class Table:
         return styler.to_latex(hrules=True, caption=caption, position_float="centering")
 
 
+# the Markdown marks and what the LaTeX cells show instead (an agreeing cell carries no mark there)
+_LATEX_MARKS = {"✓": "unmarked:", "✗": r"$\times$:", "†": r"$^\dagger$", "…": r"\ldots{}"}
+
+
 def _latex_note(note: str) -> str:
     """A Markdown footnote in the LaTeX cells' own marks (agreeing cells carry no mark there)."""
     s = _latex_escape(note.replace("`", ""))
-    return (s.replace("✓ agrees", "unmarked: agrees").replace("✗ does not", r"$\times$: does not")
-            .replace("†", r"$^\dagger$").replace("…", r"\ldots{}"))
+    for mark, tex in _LATEX_MARKS.items():
+        s = s.replace(mark, tex)
+    return s
 
 
 def _latex_escape(s: str) -> str:

@@ -81,12 +81,12 @@ def _restrict(given: str | None, full: str, expand, what: str, suite: str) -> st
         return full
     allowed = expand(full)
     picked = expand(given)
-    outside = [p for p in picked if p not in allowed]
+    names = ["/".join(p) if isinstance(p, tuple) else p for p in picked]  # (family, variant) -> name
+    outside = [n for n, p in zip(names, picked) if p not in allowed]
     if outside:
-        shown = ", ".join("/".join(p) if isinstance(p, tuple) else p for p in outside)
-        raise PopbenchError(f"--{what} {given!r}: {shown} not in suite {suite} ({full}); "
+        raise PopbenchError(f"--{what} {given!r}: {', '.join(outside)} not in suite {suite} ({full}); "
                             f"drop --suite to run arbitrary {what}")
-    return ",".join("/".join(p) if isinstance(p, tuple) else p for p in picked)
+    return ",".join(names)
 
 
 def apply_suite(args: argparse.Namespace) -> None:
@@ -103,8 +103,8 @@ def apply_suite(args: argparse.Namespace) -> None:
         print("note: the full EB file eb_velocity_v5.npz is not available: table3 runs on the eb300 stand-in "
               "(real EB cells, 300 per day, no velocities; not comparable with published numbers)", file=sys.stderr)
         tasks = "eb300"
-    args.tasks = _restrict(getattr(args, "tasks", None), tasks, registry.expand_tasks, "tasks", args.suite)
-    args.methods = _restrict(getattr(args, "methods", None), suite.methods, registry.methods.expand, "methods",
+    args.tasks = _restrict(args.tasks, tasks, registry.expand_tasks, "tasks", args.suite)
+    args.methods = _restrict(args.methods, suite.methods, registry.methods.expand, "methods",
                              args.suite)
     if args.seeds is None:  # not given: the suite's own
         args.seeds = suite.seeds[args.profile]

@@ -174,8 +174,10 @@ class Table:
         return styler.to_latex(hrules=True, caption=caption, position_float="centering")
 
 
-# the Markdown marks and what the LaTeX cells show instead (an agreeing cell carries no mark there)
-_LATEX_MARKS = {"✓": "unmarked:", "✗": r"$\times$:", "†": r"$^\dagger$", "…": r"\ldots{}"}
+# the Markdown marks and what the LaTeX cells show instead (an agreeing cell carries no mark there;
+# the published number stands in brackets without the word "paper")
+_LATEX_MARKS = {"[paper …]": r"[\ldots{}]", "✓": "unmarked:", "✗": r"$\times$:", "†": r"$^\dagger$",
+                "…": r"\ldots{}"}
 
 
 def _latex_note(note: str) -> str:

@@ -92,6 +92,10 @@ def test_compare_paper_puts_the_published_number_beside_ours():
     published = dict(t.rows)
     assert "curly_fm (published)" in published and published["curly_fm (published)"][0] == "0.019 ± 0.003"
     assert any("0 of 1 cells disagree" in f for f in t.footnotes)
+    # LaTeX: the cell shows the published number in brackets, and the caption explains that form
+    tex = t.latex()
+    assert r"[0.039 $\pm$ 0.002]" in tex
+    assert r"[\ldots{}] = the published number" in tex and "paper \\ldots" not in tex
 
 
 def test_compare_paper_on_a_family_without_published_numbers_says_so():

@@ -398,6 +398,30 @@ def _ray_job(job: Job, device: str) -> dict:
     return run_job(job, num_threads=1, device=device)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM stop this driver the way Ctrl-C does; returns a function that undoes it.
+
+    ``ray.init`` installs Abseil's C-level failure handler for SIGTERM, which dumps a crash report
+    ("*** SIGTERM received ... PC: @ ...") over the terminal when a batch system or ``timeout``
+    stops a sweep. Raised as KeyboardInterrupt instead, the sweep stops like an interrupted one:
+    finished jobs are already stored, the CLI says how to resume, Ray shuts down at exit. Only the
+    main thread can own signal handlers; elsewhere this does nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # a handler installed from C (Ray's) reads back as None and cannot be reinstalled from Python:
+    # the default (terminate quietly) replaces it then
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class RayExecutor:
     """Jobs as Ray tasks (``--executor ray``); ``address`` joins an existing cluster."""
 
@@ -442,6 +466,13 @@ class RayExecutor:
 
     def run(self, jobs: Sequence[Job], on_result: OnResult) -> None:
         ray = self._init()
+        restore = _sigterm_as_interrupt()
+        try:
+            self._run(ray, jobs, on_result)
+        finally:
+            restore()
+
+    def _run(self, ray, jobs: Sequence[Job], on_result: OnResult) -> None:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         remote = ray.remote(_ray_job)
         pending = list(jobs)

@@ -56,3 +56,36 @@ def test_gpu_jobs_fall_back_to_cpu_with_a_warning_on_a_gpu_less_cluster(tmp_path
     assert row["status"] == "ok"
     assert row["learned"]["device"] == "cpu" and row["learned"]["JAX_PLATFORMS"] == "cpu"
     assert any("has no GPU" in str(w.message) for w in caught)
+
+
+def test_sigterm_stops_a_ray_sweep_like_ctrl_c_and_the_rerun_resumes(tmp_path, ray_cluster):
+    """`timeout` or a batch system sends SIGTERM: the driver says how to resume (no crash dump from
+    Ray's C++ signal handler), keeps the finished jobs, and the same command resumes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, run_cli
+
+    out = tmp_path / "run"
+    args = ["--tasks", "ou/paired", "--methods", "static,harness.testing:Sleeps", "--profile", "smoke",
+            "--seeds", "0", "--set", "harness.testing:Sleeps.sleep=600", "--workers", "2",
+            "--address", ray_cluster.get_runtime_context().gcs_address, "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    rows = out / "rows.jsonl"
+    deadline = time.monotonic() + 120
+    while not (rows.exists() and '"static"' in rows.read_text()):  # static done, Sleeps running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "rerun the same command to resume" in stderr
+    assert "SIGTERM received" not in stderr + stdout and "PC: @" not in stderr + stdout
+    done = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["method"] for r in done if r.get("row_type") == "job"] == ["static"]
+    plan = run_cli(*args, "--dry-run")
+    assert "1 done, 1 to run" in plan.stdout, plan.stdout + plan.stderr

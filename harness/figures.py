@@ -22,9 +22,11 @@ def _latest_ok(store: RunStore, family: str, variant: str, seed: int, method: st
     return max(rows, key=lambda r: r.get("finished_at", 0)) if rows else None
 
 
-def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], path: str | Path,
-                   seed: int = 0, data_dir: str | None = None, max_panels: int = 11) -> Path:
-    """Truth row, then one row per method, columns = target times (every query's targets, in order)."""
+def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], seed: int = 0,
+                   data_dir: str | None = None) -> tuple[list[float], list[np.ndarray], dict[str, list]]:
+    """What :func:`rollout_figure` draws: the target times (every query's, in time order), the
+    truth at each, and per method its stored prediction at each time, or None where it gave none
+    (e.g. an interpolation-only method at a forecast time)."""
     store = RunStore(run_dir)
     task = registry.tasks.load(family)(variant, seed=seed, data_dir=data_dir)
     preds: dict[str, dict] = {}
@@ -37,30 +39,35 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
     if not preds:
         raise PopbenchError(f"{run_dir} has no stored predictions of {', '.join(methods)} on {family}/{variant} "
                             f"seed {seed}: run them first")
-    times, truth, by_method = [], [], {m: [] for m in preds}
+    # every target time that some method answered, in time order; for each method its answer from
+    # the first query that asks for that time, or None: an empty "—" panel (e.g. an
+    # interpolation-only method under the forecast columns), so no method hides another's times
+    truth_at: dict[float, np.ndarray] = {}
+    answers: dict[str, dict[float, np.ndarray]] = {m: {} for m in preds}
     for q in task.queries():
         for tg in q.targets:
-            if any(abs(tg.t - t) < 1e-9 for t in times):
-                continue
-            have = {}
+            t = next((t for t in truth_at if abs(tg.t - t) < 1e-9), tg.t)
+            truth_at.setdefault(t, tg.x)
             for m, arrs in preds.items():
                 ts = arrs.get(f"{q.name}/times")
-                if ts is None:
-                    continue
-                hit = np.flatnonzero(np.abs(ts - tg.t) < 1e-9)
-                if hit.size:
-                    have[m] = arrs[f"{q.name}/samples"][hit[0]]
-            if len(have) != len(preds):
-                continue  # a column only where every method answered (no "—" panels)
-            times.append(tg.t)
-            truth.append(tg.x)
-            for m in preds:
-                by_method[m].append(have[m])
+                hit = np.flatnonzero(np.abs(ts - tg.t) < 1e-9) if ts is not None else []
+                if len(hit) and t not in answers[m]:
+                    answers[m][t] = arrs[f"{q.name}/samples"][hit[0]]
+    times = sorted(t for t in truth_at if any(t in a for a in answers.values()))
+    truth = [truth_at[t] for t in times]
+    by_method = {m: [answers[m].get(t) for t in times] for m in preds}
     if not times:
-        raise PopbenchError(f"the stored predictions share no target time on {family}/{variant}")
-    order = np.argsort(times)
-    return plots.plot_rollouts([times[i] for i in order], [truth[i] for i in order],
-                               {m: [v[i] for i in order] for m, v in by_method.items()}, path,
+        raise PopbenchError(f"the stored predictions answer no target time on {family}/{variant}")
+    return times, truth, by_method
+
+
+def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], path: str | Path,
+                   seed: int = 0, data_dir: str | None = None, max_panels: int = 11) -> Path:
+    """Truth row, then one row per method, columns = target times (every query's targets, in time
+    order; at most ``max_panels`` of them, evenly spread); a method that does not answer a time
+    gets an empty panel marked "—"."""
+    times, truth, by_method = rollout_panels(run_dir, family, variant, methods, seed, data_dir)
+    return plots.plot_rollouts(times, truth, by_method, path,
                                title=f"{family}/{variant} (seed {seed}, {Path(run_dir).name})", max_panels=max_panels)
 
 

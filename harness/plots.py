@@ -133,16 +133,17 @@ def plot_marginals(task: Any, path: str | os.PathLike, max_panels: int = 11) -> 
 def plot_rollouts(
     times: Sequence[float],
     truth: Sequence[np.ndarray],
-    predictions: Mapping[str, Sequence[np.ndarray]],
+    predictions: Mapping[str, Sequence[np.ndarray | None]],
     path: str | os.PathLike,
     title: str = "",
     max_panels: int = 11,
 ) -> Path:
-    """The paper's Figure 5: the truth (first row) and one row per method, columns = times."""
+    """The paper's Figure 5: the truth (first row) and one row per method, columns = times. A
+    ``None`` prediction (the method does not answer that time) is an empty panel marked "—"."""
     cols = _pick(len(times), max_panels)
     names = list(predictions)
     fig, axes = _figure(1 + len(names), len(cols))
-    pool = [truth[i] for i in cols] + [predictions[n][i] for n in names for i in cols]
+    pool = [truth[i] for i in cols] + [predictions[n][i] for n in names for i in cols if predictions[n][i] is not None]
     xlim, ylim = _limits(pool)
     for c, i in enumerate(cols):
         axes[0, c].set_title(f"t={times[i]:g}", fontsize=7)
@@ -151,7 +152,10 @@ def plot_rollouts(
             + [(n, predictions[n][i], PRED_COLORS[k % len(PRED_COLORS)]) for k, n in enumerate(names)]
         ):
             ax = axes[r, c]
-            _scatter(ax, arr, color)
+            if arr is None:
+                ax.text(0.5, 0.5, "—", transform=ax.transAxes, ha="center", va="center", fontsize=14, color="0.5")
+            else:
+                _scatter(ax, arr, color)
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
             ax.set_box_aspect(_box_aspect(xlim, ylim))

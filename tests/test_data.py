@@ -224,6 +224,28 @@ def test_plots_write_pngs(tmp_path):
     assert p.read_bytes()[:8] == PNG
 
 
+def test_rollout_figure_keeps_times_only_some_methods_answer(tmp_path):
+    """An interpolation-only method leaves the forecast columns empty ("—") for itself; it must not
+    drop them for the methods that forecast (the figure used to show only shared times)."""
+    from harness.figures import rollout_figure, rollout_panels
+    from harness.protocol import target_within_training
+    from harness.store import RunStore
+    from harness.sweep import plan_jobs, run_plan
+    from tasks.ou import OU
+
+    plan = plan_jobs("ou/paired", "static,harness.testing:InterpolationOnly", "smoke", [0])
+    run_plan(plan, RunStore(tmp_path), executor="serial", progress=False)
+    times, truth, by = rollout_panels(tmp_path, "ou", "paired", ["static", "harness.testing:InterpolationOnly"])
+    data = OU("paired", seed=0).train_data()
+    inside = [target_within_training(t, data) for t in times]
+    assert any(inside) and not all(inside)  # both interpolation and forecast columns
+    assert times == sorted(times) and len(truth) == len(times)
+    assert all(p is not None for p in by["static"])
+    assert [p is not None for p in by["harness.testing:InterpolationOnly"]] == inside
+    p = rollout_figure(tmp_path, "ou", "paired", ["static", "harness.testing:InterpolationOnly"], tmp_path / "r.png")
+    assert p.read_bytes()[:8] == PNG
+
+
 def test_registered_families_load():
     from harness import registry
 

@@ -408,7 +408,8 @@ def jobs_frame(job_rows: Iterable[dict]) -> pd.DataFrame:
     recs = []
     for r in job_rows:
         rec = {k: r.get(k) for k in ("task", "variant", "method", "profile", "seed", "status", "error", "fit_s",
-                                     "predict_s", "wall_s", "peak_mem_mb", "device", "hparams_hash")}
+                                     "predict_s", "wall_s", "peak_mem_mb", "device", "hparams_hash",
+                                     "git_revision")}
         for k, v in (r.get("learned") or {}).items():
             rec[f"learned.{k}"] = v
         recs.append(rec)

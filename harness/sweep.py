@@ -14,7 +14,7 @@ from typing import Any
 from harness import registry
 from harness.protocol import PROFILES, PopbenchError, target_within_training
 from harness.runner import Job, RayExecutor, SerialExecutor
-from harness.store import RunStore
+from harness.store import RunStore, git_revision
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -160,7 +160,10 @@ def run_plan(
             bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr, dynamic_ncols=True,
                        disable=None)
 
+        revision = git_revision()  # the code that ran the jobs, on every job row
+
         def on_result(job: Job, result: dict) -> None:
+            result["job"]["git_revision"] = revision
             stem = result["job"]["attempt_id"] + "_" + job.job_id
             if result.get("curves"):
                 result["job"]["artifact"] = store.write_artifact(stem, {"job_id": job.job_id, **result["curves"]})

@@ -142,6 +142,12 @@ def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
     assert r.returncode == 0, r.stderr
     assert {"ou.md", "ou.tex", "ou_aggregate.csv", "jobs.csv", "environment.json"} <= {p.name for p in out.iterdir()}
     assert "static" in (out / "ou.md").read_text()
+    # every job row names the code revision that ran it (a clone of this repository has one)
+    from harness.store import git_revision
+
+    jobs = (out / "jobs.csv").read_text().splitlines()
+    col = jobs[0].split(",").index("git_revision")
+    assert {line.split(",")[col] for line in jobs[1:]} == {git_revision()} != {None}
     missing = run_cli("publish", "--suite", "table1", "--run", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--suite table1" in missing.stderr

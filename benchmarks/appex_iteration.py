@@ -6,7 +6,9 @@ data when ``tasks/gf_sde.py`` is importable, otherwise the same process simulate
 Ornstein-Uhlenbeck transition is exact, so no discretisation is involved).
 
 By default it runs two outer iterations with the ``paper`` settings: the first starts cold
-(σ² = 1, zero drift, zero dual potentials), the second shows the warm-started IPF. Examples:
+(σ² = 1, zero drift, zero dual potentials), the second shows the warm-started IPF. The last line
+compares the drift fit with its floor measured in the same run: the time of its width × width
+matrix products alone (six per hidden-to-hidden layer and step). Examples:
 
     python benchmarks/appex_iteration.py                       # paper settings, 1 thread
     python benchmarks/appex_iteration.py --profile quick
@@ -105,6 +107,35 @@ def main(argv: list[str] | None = None) -> None:
             f"{vals[1]:>6.2f}s {vals[2]:>9.2f}s {vals[3]:>6.3f}s {sum(vals):>6.2f}s  {L['sigma2_per_iter'][i]:.4f}"
         )
     print(f"fit wall time {wall:.1f} s for {args.outer} outer iterations")
+    # the drift fit against its arithmetic floor, measured now on this machine: each hidden-to-hidden
+    # layer costs six (batch x width) @ (width x width) products per step (forward, the ∇φ pass, and
+    # four in their reverse); nothing else in the step is that large
+    floor = gemm_floor_s(int(hp["batch_size"]), int(hp["width"]), int(hp["depth"]), args.device) * steps
+    fit = sum(per["drift_fit"]) / args.outer
+    print(f"drift fit {fit:.1f} s per outer iteration = {fit / floor:.2f} x the floor of its "
+          f"{6 * (int(hp['depth']) - 1)} width x width matrix products per step ({floor:.1f} s for {steps} steps, "
+          f"{1e3 * floor / steps:.2f} ms per step)")
+
+
+def gemm_floor_s(batch: int, width: int, depth: int, device: str, reps: int = 300) -> float:
+    """Seconds per drift-fit step spent in its (batch, width) @ (width, width) products alone
+    (float32, best of three timings of ``reps`` products), the part no implementation can avoid."""
+    import torch
+
+    a = torch.randn(batch, width, device=device)
+    w = torch.randn(width, width, device=device)
+    out = torch.empty(batch, width, device=device)
+    best = float("inf")
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, w, out=out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 6 * (depth - 1) * best
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def build_table(
         if paper is not None and not by_variant:
             for pm, cells_ in _published_only_rows(paper, family, paper_table, colkeys, set(methods), digits):
                 rows.append((f"{pm} (published)", cells_))
-                latex_rows.append([_latex_escape(c) if c != "—" else "---" for c in cells_])
+                latex_rows.append([_latex_escape(c) for c in cells_])
     columns = [column_label(*ck) if not by_variant else column_label(*ck) for ck in colkeys]
     n_text = "/".join(str(n) for n in seeds_n) if seeds_n else "0"
     scope = ("per variant" if by_variant else "each cell averages the family's variants per seed, then")
@@ -337,6 +337,9 @@ def build_table(
         )
     elif paper is not None:
         footnotes.append(f"The paper publishes no numbers for {family}: nothing to compare.")
+    if any(lbl.endswith(" (published)") for lbl, _ in rows):
+        footnotes.append("(published) = a method of the paper not run here: its published numbers, "
+                         "blank where the paper has none.")
     if note:
         footnotes.append(note)
     title = f"{family}" + (" (per variant)" if by_variant else "")
@@ -382,7 +385,7 @@ def _published_only_rows(paper, family, paper_table, colkeys, methods, digits):
         for _, r in sel.iterrows():
             if r.method in methods:
                 continue
-            seen.setdefault(r.method, ["—"] * len(colkeys))
+            seen.setdefault(r.method, [""] * len(colkeys))  # blank: the paper has no such number
             err = float(r.err) if pd.notna(r.err) else float("nan")
             seen[r.method][colkeys.index(ck)] = _fmt(float(r.value), err, digits)
     for m, cells in seen.items():

@@ -98,6 +98,15 @@ def test_compare_paper_puts_the_published_number_beside_ours():
     assert r"[\ldots{}] = the published number" in tex and "paper \\ldots" not in tex
 
 
+def test_a_published_only_row_is_blank_where_the_paper_has_no_number():
+    rows = [_job("wlm", "interpolation", s, {("interpolation", "w1_holdout_1"): v, ("unseen", "w1_mix"): v},
+                 family="vortex") for s, v in enumerate([0.038, 0.040])]
+    t = build_table(cells_frame(rows), "vortex", compare="paper", paper_table={"interpolation": (2, "interpolation")})
+    published = dict(t.rows)["curly_fm (published)"]
+    assert published[0] == "0.019 ± 0.003" and published[1] == ""  # not "—", which means "cannot answer"
+    assert any(f.startswith("(published) = ") and "blank" in f for f in t.footnotes)
+
+
 def test_compare_paper_on_a_family_without_published_numbers_says_so():
     t = build_table(cells_frame(ROWS), "fam", compare="paper", paper_table={})
     assert not any("[paper" in c for _, cells in t.rows for c in cells)

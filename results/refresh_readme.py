@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUOTE = re.compile(r"(<!-- quote: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(\n<!-- /quote -->)", re.S)
+# the body never contains "<!--", so a quote cannot swallow the text up to the next quote's end
+# (an empty quote, freshly written, used to do just that); it may be empty
+QUOTE = re.compile(r"(<!-- quote: (?P<path>[^ ]+) -->\n)(?P<body>(?:(?!<!--).)*?)\n?(<!-- /quote -->)", re.S)
 
 
 def table_body(rel: str) -> str:
@@ -21,7 +23,7 @@ def table_body(rel: str) -> str:
 def main() -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = QUOTE.sub(lambda m: m.group(1) + table_body(m.group("path")) + m.group(4), text)
+    new = QUOTE.sub(lambda m: m.group(1) + table_body(m.group("path")) + "\n" + m.group(4), text)
     readme.write_text(new)
     print(f"{len(QUOTE.findall(text))} quoted tables, {'updated' if new != text else 'already current'}")
     return 0

@@ -20,3 +20,15 @@ def test_every_table_the_readme_quotes_is_the_committed_file_verbatim():
         assert body == refresh.table_body(rel), f"the README's copy of {rel} is stale: run python results/refresh_readme.py"
     for img in re.findall(r"\]\((results/[^)]+\.png)\)", section):
         assert (ROOT / img).exists(), f"the README shows {img}, which is not committed"
+
+
+def test_every_quote_is_matched_alone_and_an_empty_one_is_filled(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    n_open, n_close = readme.count("<!-- quote: "), readme.count("<!-- /quote -->")
+    assert n_open == n_close == len(refresh.QUOTE.findall(readme))
+    # a freshly written empty quote followed by another quote: each gets its own file, nothing between
+    # them is lost (the pattern once matched from the empty quote to the next quote's end)
+    rel = "results/quick/table2/vortex.md"
+    text = f"<!-- quote: {rel} -->\n<!-- /quote -->\n\nkeep me\n\n<!-- quote: {rel} -->\nSTALE BODY\n<!-- /quote -->\n"
+    out = refresh.QUOTE.sub(lambda m: m.group(1) + refresh.table_body(m.group("path")) + "\n" + m.group(4), text)
+    assert "keep me" in out and out.count(refresh.table_body(rel)) == 2 and "STALE BODY" not in out

@@ -459,13 +459,12 @@ def _loss_and_grad(views, gviews, x, y, wt=None, ws=None):
         dz.mul_(torch.add(Z[l], H[l], alpha=-2.0, out=T[l]).add_(2.0))
         if dh is not None:
             dz.addcmul_(dh, D[l])
-        if l > 0:
-            gW[l].addmm_(dz.T, H[l - 1])
-        else:
-            gW[0].add_(torch.mm(x.T, dz).T)
         torch.sum(dz, 0, out=gb[l])
         if l > 0:
+            gW[l].addmm_(dz.T, H[l - 1])
             dh = torch.mm(dz, Ws[l], out=DH[l])
+        else:
+            gW[0].add_(torch.mm(x.T, dz).T)
     return loss
 
 

@@ -20,10 +20,15 @@ def table_body(rel: str) -> str:
     return (ROOT / rel).read_text().strip().split("\n", 1)[1].strip()
 
 
+def refresh(text: str) -> str:
+    """``text`` with every quote's body replaced by the current file's."""
+    return QUOTE.sub(lambda m: m.group(1) + table_body(m.group("path")) + "\n" + m.group(4), text)
+
+
 def main() -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = QUOTE.sub(lambda m: m.group(1) + table_body(m.group("path")) + "\n" + m.group(4), text)
+    new = refresh(text)
     readme.write_text(new)
     print(f"{len(QUOTE.findall(text))} quoted tables, {'updated' if new != text else 'already current'}")
     return 0

@@ -30,5 +30,5 @@ def test_every_quote_is_matched_alone_and_an_empty_one_is_filled(tmp_path):
     # them is lost (the pattern once matched from the empty quote to the next quote's end)
     rel = "results/quick/table2/vortex.md"
     text = f"<!-- quote: {rel} -->\n<!-- /quote -->\n\nkeep me\n\n<!-- quote: {rel} -->\nSTALE BODY\n<!-- /quote -->\n"
-    out = refresh.QUOTE.sub(lambda m: m.group(1) + refresh.table_body(m.group("path")) + "\n" + m.group(4), text)
+    out = refresh.refresh(text)
     assert "keep me" in out and out.count(refresh.table_body(rel)) == 2 and "STALE BODY" not in out

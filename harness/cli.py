@@ -208,11 +208,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         from tabulate import tabulate
 
-        done = store.done_job_ids()
-        rows = [[j.task, j.method, j.profile, j.seed, j.hparams_hash, "done" if j.job_id in done else "todo"]
-                for j in plan.jobs]
+        latest = store.latest_jobs()
+
+        def state(job) -> str:
+            r = latest.get(job.job_id) or {}
+            if r.get("status") == "ok":
+                return "done"
+            if r.get("status") == "partial":  # rerunning continues it from its checkpoint
+                lr = r.get("learned") or {}
+                return f"partial ({lr.get('iterations')}/{lr.get('iterations_target')} its)"
+            return "todo"
+
+        rows = [[j.task, j.method, j.profile, j.seed, j.hparams_hash, state(j)] for j in plan.jobs]
         print(tabulate(rows, headers=["task", "method", "profile", "seed", "hparams", "state"], tablefmt="github"))
-        n_todo = sum(r[-1] == "todo" for r in rows)
+        n_todo = sum(r[-1] != "done" for r in rows)
         print(f"\n{len(rows)} jobs, {len(rows) - n_todo} done, {n_todo} to run; run directory {run_dir}")
         return 0
     executor = args.executor or ("ray" if (args.workers > 1 or args.address) else "serial")

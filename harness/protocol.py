@@ -21,6 +21,7 @@ import abc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -246,6 +247,16 @@ class Method(abc.ABC):
 
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
+    budget_keys: ClassVar[tuple[str, ...]] = ()
+    """Hyperparameters that only bound how long one call of ``fit`` may run (WLM's ``max_minutes``).
+    They do not enter the job's identity: a capped job and the uncapped one are the same job, and a
+    capped fit that stops early reports ``training_complete: False`` in :meth:`learned` (the job's
+    row is then ``partial``, and rerunning the same command continues it)."""
+    checkpoint_path: Path | None = None
+    """Set by the harness before ``fit``: a file this job alone may write its training state to,
+    and read it back from after an interruption (a killed worker, a timeout, a ``max_minutes``
+    cap). A method that resumes from it must continue exactly as the uninterrupted fit would. The
+    harness deletes it once the job's result is stored as ``ok``. ``None``: do not checkpoint."""
 
     def __init__(self, hparams: Mapping[str, Any] | None = None, *, seed: int = 0, device: str = "cpu"):
         self.hparams: dict[str, Any] = dict(hparams or {})
@@ -268,7 +279,9 @@ class Method(abc.ABC):
 
     def learned(self) -> dict[str, Any]:
         """Learned scalars and small curves worth a result row (γ, β, σ², loss curve, ...).
-        Values must be JSON-serialisable (floats, lists of floats, strings)."""
+        Values must be JSON-serialisable (floats, lists of floats, strings). The key
+        ``training_complete`` set to ``False`` marks a fit stopped early by a budget key: its
+        row is scored but ``partial``, never mistaken for the configured run."""
         return {}
 
     def attach_simulator(self, simulator: Simulator) -> None:

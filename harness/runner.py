@@ -33,6 +33,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,10 @@ CPU_ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
 GPU_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
-def hparams_hash(hp: dict) -> str:
+def hparams_hash(hp: dict, budget_keys: Sequence[str] = ()) -> str:
+    """The job's settings fingerprint. Budget keys (``Method.budget_keys``: they only cap how long
+    one fit may run) are hashed as ``None``, so a capped job is the same job as the uncapped one."""
+    hp = {k: (None if k in budget_keys else v) for k, v in hp.items()}
     return hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -64,6 +68,8 @@ class Job:
     data_dir: str | None = field(default=None, compare=False, hash=False)
     num_gpus: float = field(default=0.0, compare=False, hash=False)
     framework: str = field(default="numpy", compare=False, hash=False)
+    budget_keys: tuple[str, ...] = field(default=(), compare=False, hash=False)
+    checkpoint_path: str | None = field(default=None, compare=False, hash=False)
 
     @property
     def task(self) -> str:
@@ -71,7 +77,7 @@ class Job:
 
     @property
     def hparams_hash(self) -> str:
-        return hparams_hash(self.hparams)
+        return hparams_hash(self.hparams, self.budget_keys)
 
     @property
     def job_id(self) -> str:
@@ -166,6 +172,8 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
         data = task.train_data()
         queries = task.queries()
         method = method_cls(job.hparams, seed=job.seed, device=device)
+        if job.checkpoint_path:
+            method.checkpoint_path = Path(job.checkpoint_path)
         caps = method_cls.capabilities
         if caps.requires_simulator:
             sim = task.simulator()
@@ -234,6 +242,12 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
         ]
         scalars, curves = _split_learned(method.learned())
         job_row["learned"] = scalars
+        if scalars.get("training_complete") is False:  # scored, but not the configured run
+            done, target = scalars.get("iterations"), scalars.get("iterations_target")
+            job_row.update(status="partial", error=(
+                f"training stopped early by {', '.join(method_cls.budget_keys) or 'a budget'}"
+                + (f" at iteration {done:,} of {target:,}" if isinstance(done, int) and isinstance(target, int) else "")
+                + "; rerun the same command to continue it"))
         # (v) only when velocities reached the method: a velocity-reading method on a task without
         # them (eb300) used none
         job_row["used_velocities"] = bool(method.used_velocities) and starts_had_velocities

@@ -12,9 +12,13 @@ Layout of a run directory:
   (``invocations.jsonl`` keeps every invocation's revision and versions).
 - ``artifacts/<attempt>_<job_id>.json``: a job's curves (loss, friction, σ² per iteration, ...);
   ``artifacts/<attempt>_<job_id>.npz``: its predicted samples per query (float32), for figures.
+- ``checkpoints/<job_id>.ckpt``: the training state of a job that has not finished ``ok`` (a
+  method that checkpoints writes it; the sweep deletes it once the job's rows are stored ``ok``).
 
 Rerunning skips jobs whose latest attempt is ``ok``; ``--force`` reruns them (the new rows are
-appended; readers keep the latest attempt per job).
+appended; readers keep the latest attempt per job). A ``partial`` job (a fit stopped early by a
+budget such as WLM's ``max_minutes``) is scored but not done: rerunning continues it from its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 
 ROWS = "rows.jsonl"
-STATUSES = ("ok", "failed", "diverged", "timeout", "skipped")
+STATUSES = ("ok", "partial", "failed", "diverged", "timeout", "skipped")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -137,6 +141,10 @@ class RunStore:
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".json"
         atomic_write_text(self.root / "artifacts" / name, dumps(payload))
         return f"artifacts/{name}"
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        """Where a job may keep its training state between attempts (``Method.checkpoint_path``)."""
+        return self.root / "checkpoints" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".ckpt")
 
     def write_predictions(self, stem: str, arrays: dict) -> str:
         """A job's predicted samples per query (float32, compressed), for figures."""

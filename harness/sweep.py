@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -114,7 +115,8 @@ def plan_jobs(
             hp.update(overrides.get(mname, {}))
             for seed in seeds:
                 jobs.append(Job(family, variant, mname, profile, int(seed), hp, data_dir,
-                                num_gpus=float(caps.num_gpus), framework=caps.framework))
+                                num_gpus=float(caps.num_gpus), framework=caps.framework,
+                                budget_keys=tuple(mcls.budget_keys)))
     if not jobs:
         raise PopbenchError("nothing to run: " + "; ".join(skipped) if skipped else "nothing to run")
     return Plan(jobs, skipped)
@@ -145,7 +147,11 @@ def run_plan(
 ) -> dict[str, dict]:
     """Run the plan's jobs that are not done; return the latest job row per selected job id."""
     done = set() if force else store.done_job_ids()
-    todo = [j for j in plan.jobs if j.job_id not in done]
+    todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)))
+            for j in plan.jobs if j.job_id not in done]
+    if force:  # a forced rerun starts from scratch, not from an earlier attempt's training state
+        for j in todo:
+            Path(j.checkpoint_path).unlink(missing_ok=True)
     if todo:
         if executor == "ray":
             ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
@@ -170,6 +176,8 @@ def run_plan(
             if result.get("predictions"):
                 result["job"]["predictions"] = store.write_predictions(stem, result["predictions"])
             store.append_rows([result["job"], *result["targets"]])
+            if result["job"].get("status") == "ok" and job.checkpoint_path:
+                Path(job.checkpoint_path).unlink(missing_ok=True)  # stored: the state is no longer needed
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(_summary(result)[:120])

@@ -47,7 +47,10 @@ from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainDa
 #   attention           "fast" (manual projections + batched matmuls, fused SDPA at inference)
 #                       or "plain" (F.multi_head_attention_forward with need_weights=True, as
 #                       nn.MultiheadAttention does by default); same parameters, same gradients
-#   max_minutes         optional wall-clock cap on training (None = run all iterations)
+#   max_minutes         optional wall-clock cap on one call of fit (None = run all iterations);
+#                       a budget key: not part of the job's identity. A capped fit reports
+#                       training_complete = False (a `partial` row) and, given the harness's
+#                       checkpoint path, continues from where it stopped when the job is rerun
 
 _GF_ARCH = dict(hidden=64, heads=4, blocks=4, ff=512, dropout=0.0, time_features=0)
 _VORTEX_ARCH = dict(hidden=256, heads=1, blocks=4, ff=64, dropout=0.0)
@@ -594,10 +597,72 @@ def _downsample(values: Sequence[float], n: int = 200) -> list[float]:
     return [float(v[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a paper-profile fit is hours (GPU) to days (CPU); an interrupted or capped fit
+# continues where it stopped, bit for bit as if it had never stopped (tests/test_wlm.py).
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_MINUTES = 5.0  # wall-clock minutes between checkpoints (and one when fit ends)
+
+
+def _fit_fingerprint(method: Method, data: TrainData) -> str:
+    """What a checkpoint must match to be resumed: the settings (less the budget keys), the seed
+    and the training data."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    hp = {k: v for k, v in method.hparams.items() if k not in method.budget_keys}
+    h.update(json.dumps([type(method).__name__, hp, method.seed], sort_keys=True, default=str).encode())
+    for m in data.marginals:
+        h.update(np.float64(m.t).tobytes())
+        h.update(np.ascontiguousarray(m.x, dtype=np.float64).tobytes())
+        if m.v is not None:
+            h.update(np.ascontiguousarray(m.v, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path, state: dict) -> None:
+    """Write atomically (a kill mid-write leaves the previous checkpoint intact)."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, fingerprint: str) -> dict | None:
+    """The saved state, or None when there is none; one saved by another fit (other settings,
+    seed or data) is ignored with a warning and will be overwritten."""
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:  # our own file (it holds NumPy's generator state, hence not weights_only)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file must not kill the job
+        warnings.warn(f"ignoring unreadable WLM checkpoint {path}: {exc}", stacklevel=2)
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        warnings.warn(f"ignoring WLM checkpoint {path}: it belongs to another fit (settings, seed "
+                      "or data differ); training starts from scratch", stacklevel=2)
+        return None
+    return state
+
+
 class WLM(Method):
     """Wasserstein Lagrangian Mechanics with learnable friction (paper section 3, Algorithm 1)."""
 
     name = "wlm"
+    budget_keys = ("max_minutes",)
     capabilities = Capabilities(
         interpolate=True, forecast=True, uses_velocities=True, framework="torch", num_gpus=1
     )
@@ -691,9 +756,42 @@ class WLM(Method):
                 return None
             return torch.as_tensor(np.sort(rng.choice(n, int(ppb), replace=False)), device=dev)
 
-        losses, gammas = [], []
-        it = 0
-        for it in range(1, int(hp["iterations"]) + 1):
+        # Resume from this job's checkpoint when the harness gave one and it holds this fit.
+        losses, gammas, resumed_at, prior_s = [], [], [], 0.0
+        ckpt = self.checkpoint_path
+        fingerprint = _fit_fingerprint(self, data)
+        state = _load_checkpoint(ckpt, fingerprint) if ckpt is not None else None
+        if state is not None:
+            potential.load_state_dict(state["potential"])
+            opt.load_state_dict(state["optimizer"])
+            with torch.no_grad():
+                for e, saved in zip(ema, state["ema"]):
+                    e.copy_(saved)
+                if learn:
+                    theta.copy_(state["theta"])
+            rng.bit_generator.state = state["numpy_rng"]
+            torch.set_rng_state(state["torch_rng"])
+            if dev.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], dev)
+            losses, gammas = list(state["losses"]), list(state["gammas"])
+            prior_s = float(state["fit_seconds"])
+            resumed_at = [*state["resumed_at"], int(state["iteration"])]
+        it = int(state["iteration"]) if state is not None else 0
+
+        def save_checkpoint() -> None:
+            _save_checkpoint(ckpt, {
+                "fingerprint": fingerprint, "iteration": it,
+                "potential": potential.state_dict(), "optimizer": opt.state_dict(),
+                "ema": [e.detach().cpu() for e in ema],
+                "theta": theta.detach().cpu() if learn else None,
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "losses": losses, "gammas": gammas, "resumed_at": resumed_at,
+                "fit_seconds": prior_s + time.perf_counter() - t_start,
+            })
+
+        last_save = time.perf_counter()
+        for it in range(it + 1, int(hp["iterations"]) + 1):
             k = int(rng.integers(1, K + 1))
             rows = sub(len(xs[0]))
             x0 = xs[0] if rows is None else xs[0][rows]
@@ -716,15 +814,22 @@ class WLM(Method):
                 self.on_iteration(it, potential, ema, gammas[-1])
             if time.perf_counter() - t_start > max_s:
                 break
+            if ckpt is not None and time.perf_counter() - last_save > 60.0 * CHECKPOINT_MINUTES:
+                save_checkpoint()
+                last_save = time.perf_counter()
+        if ckpt is not None:  # also when complete: a crash in predict does not cost the training
+            save_checkpoint()
 
         self._iterations = it
+        self._complete = it >= int(hp["iterations"])
+        self._resumed_at = resumed_at
         self._gamma = float(torch.exp(theta).detach()) if learn else float(hp["friction"])
         self._losses = losses
         self._gammas = gammas
         # NumPy copies of the EMA weights: prediction (and pickling) never needs the live model.
         names = [n for n, _ in potential.named_parameters()]
         self._ema_state = {n: e.detach().cpu().numpy().copy() for n, e in zip(names, ema)}
-        self._fit_seconds = time.perf_counter() - t_start
+        self._fit_seconds = prior_s + time.perf_counter() - t_start
         self._model = None
 
     # -- predict -------------------------------------------------------------------------------
@@ -774,6 +879,9 @@ class WLM(Method):
             "loss_curve": _downsample(self._losses),
             "blur": self._blur,
             "iterations": int(self._iterations),
+            "iterations_target": int(self.hparams["iterations"]),
+            "training_complete": bool(self._complete),
+            "resumed_at": ",".join(str(i) for i in self._resumed_at),
             "fit_seconds": float(self._fit_seconds),
             "v0": self._v0_used,
             "grid_dt": float(self._grid_dt),

@@ -180,3 +180,25 @@ def test_a_velocity_reading_method_is_marked_only_when_the_task_gave_it_velociti
     without_v = run_job(Job("eb300", "holdout-1", "velocity_extrapolation", "quick", 0))["job"]
     assert with_v["status"] == without_v["status"] == "ok"
     assert with_v["used_velocities"] and not without_v["used_velocities"]
+
+
+def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_it(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("geomloss")
+    out = tmp_path / "run"
+    args = ("--tasks", "ou/paired", "--methods", "wlm", "--profile", "smoke", "--out", str(out), "--no-progress")
+    capped = run_cli(*args, "--set", "wlm.max_minutes=1e-9")  # stops after its first iteration
+    assert capped.returncode == 1
+    (job,) = _jobs(out).values()
+    assert job["status"] == "partial" and "at iteration 1 of 8" in job["error"], job["error"]
+    assert job["learned"]["training_complete"] is False
+    assert "partial: wlm on ou/paired" in capped.stderr
+    ckpt = RunStore(out).checkpoint_path(job["job_id"])
+    assert ckpt.exists()
+    # the cap is a budget, not a setting: the same job, not done, continued from the checkpoint
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    (done,) = _jobs(out).values()
+    assert done["job_id"] == job["job_id"] and done["status"] == "ok"
+    assert done["learned"]["iterations"] == 8 and done["learned"]["resumed_at"] == "1"
+    assert not ckpt.exists()  # stored ok: the training state is gone

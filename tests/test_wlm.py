@@ -273,3 +273,42 @@ def test_conformance_wlm():
 
 def test_conformance_wlm_zero_friction():
     check_method(WLMZeroFriction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a capped or interrupted fit continues exactly
+# ---------------------------------------------------------------------------------------------
+def test_capped_fits_resume_bit_for_bit(tmp_path):
+    data, _ = _relaxing_cloud(n=32)
+    # dropout and particle minibatches: both random streams (torch's and NumPy's) must resume too
+    hp = _tiny_hp(iterations=7, lr=3e-3, ema_decay=0.8, friction=1.0, learn_friction=True,
+                  friction_lr=3e-2, v0="zero", particles_per_batch=24, dropout=0.1)
+    whole = WLM(hp, seed=3)
+    whole.fit(data)
+
+    ckpt = tmp_path / "job.ckpt"
+    capped = dict(hp, max_minutes=1e-9)  # stops after every single iteration
+    done = []
+    for _ in range(3):
+        m = WLM(capped, seed=3)
+        m.checkpoint_path = ckpt
+        m.fit(data)
+        learned = m.learned()
+        assert learned["training_complete"] is False
+        done.append(learned["iterations"])
+    assert done == [1, 2, 3] and learned["resumed_at"] == "1,2"
+    last = WLM(hp, seed=3)  # the uncapped rest
+    last.checkpoint_path = ckpt
+    last.fit(data)
+    a, b = whole.learned(), last.learned()
+    assert b["training_complete"] is True and b["iterations"] == a["iterations"] == 7
+    assert b["loss_curve"] == a["loss_curve"] and b["gamma"] == a["gamma"]
+    for name, value in whole._ema_state.items():
+        np.testing.assert_array_equal(last._ema_state[name], value)
+
+    # a checkpoint of another fit (other seed) is ignored, with a warning
+    other = WLM(hp, seed=4)
+    other.checkpoint_path = ckpt
+    with pytest.warns(UserWarning, match="another fit"):
+        other.fit(data)
+    assert other.learned()["resumed_at"] == ""

@@ -74,7 +74,31 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, choices=PROFILES)
     p.add_argument("--compare", choices=("paper",), default=None)
     p.add_argument("--out", default=None, help="where to write tables (default <run_dir>/tables)")
+    p.add_argument("--include-partial", action="store_true",
+                   help="also tabulate partial jobs (fits stopped early by a budget such as wlm.max_minutes), "
+                   "as '<method> (partial)' rows with the iterations they reached")
     return p
+
+
+def _as_partial_rows(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """Partial jobs' rows relabelled '<method> (partial)' (scored, never mixed with complete
+    seeds), and per family a note saying how far each one trained."""
+    partial = {r["job_id"]: r for r in rows if r.get("row_type") == "job" and r.get("status") == "partial"}
+    out, reached = [], {}
+    for r in rows:
+        if r.get("job_id") in partial:
+            r = {**r, "method": f"{r['method']} (partial)"}
+            if r.get("row_type") == "job":
+                r["status"] = "ok"
+                lr = r.get("learned") or {}
+                n, of = lr.get("iterations"), lr.get("iterations_target")
+                reached.setdefault(r["task"], []).append(
+                    f"{r['method'][:-len(' (partial)')]} on {r['variant']} seed {r['seed']} at "
+                    + (f"{n:,} of {of:,} iterations" if isinstance(n, int) and isinstance(of, int) else "an early stop"))
+        out.append(r)
+    notes = {f: "(partial) = training stopped early, not the configured run: " + "; ".join(v) + "."
+             for f, v in reached.items()}
+    return out, notes
 
 
 def _fetch_parser() -> argparse.ArgumentParser:
@@ -174,14 +198,18 @@ def _method_order(methods_selected: Sequence[str]) -> list[str]:
     return [*methods_selected, *[m for m in registry.BUILTIN_METHODS if m not in methods_selected]]
 
 
-def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, stream=sys.stdout) -> None:
+def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, stream=sys.stdout,
+           extra_notes: dict[str, str] | None = None) -> None:
     from harness.reports import write_report
     from harness.sweep import hardware_summary
 
     families = list(dict.fromkeys(r["task"] for r in job_rows))
+    notes = _task_attr(families, "table_note", "")
+    for f, extra in (extra_notes or {}).items():
+        notes[f] = " ".join(n for n in (notes.get(f, ""), extra) if n)
     tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
                           profile=profile, hardware=hardware_summary(), paper_tables=_paper_tables(families),
-                          notes=_task_attr(families, "table_note", ""))
+                          notes=notes)
     for t in tables:
         print("\n" + t.markdown(), file=stream)
     print(f"Tables (Markdown, LaTeX, CSV) written to {out_dir}", file=stream)
@@ -275,6 +303,9 @@ def cmd_report(argv: Sequence[str]) -> int:
         rows = [r for r in rows if r["method"] in names]
     if args.profile:
         rows = [r for r in rows if r["profile"] == args.profile]
+    extra_notes: dict[str, str] = {}
+    if args.include_partial:
+        rows, extra_notes = _as_partial_rows(rows)
     job_rows, target_rows = _split(rows)
     if not job_rows:
         raise PopbenchError(f"no result rows in {args.run_dir} match the selection")
@@ -282,7 +313,7 @@ def cmd_report(argv: Sequence[str]) -> int:
     render(job_rows, target_rows,
            Path(args.out) if args.out else Path(args.run_dir) / "tables", compare=args.compare,
            method_order=_method_order(list(dict.fromkeys(r["method"] for r in job_rows))),
-           profile="/".join(profiles))
+           profile="/".join(profiles), extra_notes=extra_notes)
     return 0
 
 

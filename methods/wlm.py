@@ -658,6 +658,19 @@ def _load_checkpoint(path, fingerprint: str) -> dict | None:
     return state
 
 
+def _progress(method: Method, it: int, total: int, losses, gammas, done_here: int, seconds: float,
+              *, saved: bool) -> None:
+    """One line on stderr per checkpoint interval: long fits show where they are."""
+    import sys
+
+    rate = seconds / max(done_here, 1)
+    recent = float(np.mean(losses[-100:])) if losses else float("nan")
+    print(f"[wlm seed {method.seed}] iteration {it:,} of {total:,} ({100.0 * it / total:.1f}%), "
+          f"loss {recent:.4g} (last 100), gamma {gammas[-1]:.4g}, {rate:.2f} s/iteration, "
+          f"~{(total - it) * rate / 3600:.1f} h left" + (", checkpoint saved" if saved else ""),
+          file=sys.stderr, flush=True)
+
+
 class WLM(Method):
     """Wasserstein Lagrangian Mechanics with learnable friction (paper section 3, Algorithm 1)."""
 
@@ -791,6 +804,7 @@ class WLM(Method):
             })
 
         last_save = time.perf_counter()
+        first_it = it
         for it in range(it + 1, int(hp["iterations"]) + 1):
             k = int(rng.integers(1, K + 1))
             rows = sub(len(xs[0]))
@@ -814,9 +828,12 @@ class WLM(Method):
                 self.on_iteration(it, potential, ema, gammas[-1])
             if time.perf_counter() - t_start > max_s:
                 break
-            if ckpt is not None and time.perf_counter() - last_save > 60.0 * CHECKPOINT_MINUTES:
-                save_checkpoint()
+            if time.perf_counter() - last_save > 60.0 * CHECKPOINT_MINUTES:
+                if ckpt is not None:
+                    save_checkpoint()
                 last_save = time.perf_counter()
+                _progress(self, it, int(hp["iterations"]), losses, gammas, it - first_it,
+                          time.perf_counter() - t_start, saved=ckpt is not None)
         if ckpt is not None:  # also when complete: a crash in predict does not cost the training
             save_checkpoint()
 

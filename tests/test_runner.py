@@ -195,6 +195,11 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert "partial: wlm on ou/paired" in capped.stderr
     ckpt = RunStore(out).checkpoint_path(job["job_id"])
     assert ckpt.exists()
+    table = capped.stdout.split("**ou**")[1]
+    assert "| wlm " in table and "partial" in table  # the cell says why it has no number
+    shown = run_cli("report", str(out), "--include-partial")
+    assert shown.returncode == 0, shown.stderr
+    assert "| wlm (partial) " in shown.stdout and "wlm on paired seed 0 at 1 of 8 iterations" in shown.stdout
     # the cap is a budget, not a setting: the same job, not done, continued from the checkpoint
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr

@@ -278,7 +278,7 @@ def test_conformance_wlm_zero_friction():
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: a capped or interrupted fit continues exactly
 # ---------------------------------------------------------------------------------------------
-def test_capped_fits_resume_bit_for_bit(tmp_path):
+def test_capped_fits_resume_bit_for_bit(tmp_path, monkeypatch, capsys):
     data, _ = _relaxing_cloud(n=32)
     # dropout and particle minibatches: both random streams (torch's and NumPy's) must resume too
     hp = _tiny_hp(iterations=7, lr=3e-3, ema_decay=0.8, friction=1.0, learn_friction=True,
@@ -297,9 +297,11 @@ def test_capped_fits_resume_bit_for_bit(tmp_path):
         assert learned["training_complete"] is False
         done.append(learned["iterations"])
     assert done == [1, 2, 3] and learned["resumed_at"] == "1,2"
-    last = WLM(hp, seed=3)  # the uncapped rest
+    last = WLM(hp, seed=3)  # the uncapped rest, with a checkpoint and a progress line per iteration
     last.checkpoint_path = ckpt
+    monkeypatch.setattr(wlm, "CHECKPOINT_MINUTES", 0.0)
     last.fit(data)
+    assert "[wlm seed 3] iteration 6 of 7 (85.7%)" in capsys.readouterr().err
     a, b = whole.learned(), last.learned()
     assert b["training_complete"] is True and b["iterations"] == a["iterations"] == 7
     assert b["loss_curve"] == a["loss_curve"] and b["gamma"] == a["gamma"]

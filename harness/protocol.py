@@ -378,6 +378,17 @@ class Task(abc.ABC):
         return {}
 
 
+def curve(values: Sequence[float], points: int = 200) -> list[float]:
+    """A per-iteration curve (loss, friction, ...) cut to at most ``points`` numbers for
+    :meth:`Method.learned`: block means over equal stretches, so a noisy curve keeps its trend
+    and a constant one its value. Shorter curves come back unchanged."""
+    v = np.asarray(values, dtype=float)
+    if v.size <= points:
+        return [float(x) for x in v]
+    edges = np.linspace(0, v.size, points + 1).astype(int)
+    return [float(v[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
+
+
 def is_finite_prediction(pred: Prediction) -> bool:
     return all(np.all(np.isfinite(s)) for s in pred.samples) and (
         pred.weights is None or all(np.all(np.isfinite(w)) for w in pred.weights)

@@ -65,10 +65,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, resolve_hparams
+from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, curve, resolve_hparams
 from methods.jkonet_star import (
     apply_mlp,
-    downsample_curve,
     exact_plan,
     init_mlp,
     jax_device,
@@ -349,14 +348,14 @@ class IJKOnet(Method):
             return {}
         pts = int(self.hparams.get("curve_points", 200))
         out: dict[str, Any] = {
-            "objective_curve": downsample_curve(self._epoch_means(self._objective), pts),
+            "objective_curve": curve(self._epoch_means(self._objective), pts),
             "time_scale": self._s,
             "compile_s": self._compile_s,
         }
         if self._bound is not None:
             gap = self._epoch_means(self._objective - self._bound)
             out["gap_bound"] = self._bound
-            out["gap_curve"] = downsample_curve(gap, pts)
+            out["gap_curve"] = curve(gap, pts)
             tail = gap[-max(1, len(gap) // 10):]
             out["final_gap"] = float(np.mean(tail))  # mean over the last 10% of epochs
             out["final_gap_std"] = float(np.std(tail))

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, resolve_hparams
+from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, curve, resolve_hparams
 
 # --------------------------------------------------------------------------------------------
 # Hyperparameters: HPARAMS[profile][task_key]
@@ -182,14 +182,6 @@ def step_plan(t0: float, times: Sequence[float], h: float) -> list[tuple[float, 
             plan.append((gap / n, cur + gap * (i + 1) / n, i == n - 1))
         cur = float(t)
     return plan
-
-
-def downsample_curve(values: Sequence[float], points: int) -> list[float]:
-    v = np.asarray(values, dtype=float)
-    if v.size <= points:
-        return [float(a) for a in v]
-    idx = np.unique(np.linspace(0, v.size - 1, points).round().astype(int))
-    return [float(a) for a in v[idx]]
 
 
 def exact_plan(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -473,7 +465,7 @@ class JKOnetStar(Method):
         )
         dev = jax_device(self.device)
         tail = np.arange(n_real, n_real + pad)
-        curve, self._compile_s = [], None
+        epoch_losses, self._compile_s = [], None
         with jax.default_device(dev):
             # every argument committed to `dev`, so the first call's signature (shardings included)
             # is the same as the later calls': one compilation per job
@@ -487,9 +479,9 @@ class JKOnetStar(Method):
                 if epoch == 0:  # the first call compiles (or hits the cache of an earlier job)
                     loss.block_until_ready()
                     self._compile_s = time.perf_counter() - t_start
-                curve.append(loss)
+                epoch_losses.append(loss)
             self._params = jax.tree_util.tree_map(np.asarray, params)
-        self._curve = [float(c) for c in curve]
+        self._curve = [float(c) for c in epoch_losses]
         raw = float(self._params["raw_theta3"])
         self._theta3 = float(np.logaddexp(0.0, raw)) / self._s if self._internal else 0.0
 
@@ -531,7 +523,7 @@ class JKOnetStar(Method):
         if not hasattr(self, "_params"):
             return {}
         out = {
-            "loss_curve": downsample_curve(self._curve, int(self.hparams.get("loss_curve_points", 200))),
+            "loss_curve": curve(self._curve, int(self.hparams.get("loss_curve_points", 200))),
             "final_loss": self._curve[-1] if self._curve else float("nan"),
             "n_coupled_pairs": self._n_rows,
             "coupling_cost": self._coupling_cost,

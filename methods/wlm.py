@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, resolve_hparams
+from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, curve, resolve_hparams
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters: HPARAMS[profile][task_key], task_key = "family/variant", "family" or "default".
@@ -588,15 +588,6 @@ def _tensor(a: np.ndarray, device):
     return torch.from_numpy(np.array(a, dtype=np.float32)).to(device)
 
 
-def _downsample(values: Sequence[float], n: int = 200) -> list[float]:
-    """Block means, at most ``n`` points (keeps result rows small)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) <= n:
-        return [float(x) for x in v]
-    edges = np.linspace(0, len(v), n + 1).astype(int)
-    return [float(v[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: a paper-profile fit is hours (GPU) to days (CPU); an interrupted or capped fit
 # continues where it stopped, bit for bit as if it had never stopped (tests/test_wlm.py).
@@ -892,8 +883,8 @@ class WLM(Method):
             return {}
         return {
             "gamma": self._gamma,
-            "gamma_curve": _downsample(self._gammas),
-            "loss_curve": _downsample(self._losses),
+            "gamma_curve": curve(self._gammas),
+            "loss_curve": curve(self._losses),
             "blur": self._blur,
             "iterations": int(self._iterations),
             "iterations_target": int(self.hparams["iterations"]),

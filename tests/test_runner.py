@@ -1,5 +1,6 @@
 """Sweeps: fault statuses, resume, --force, a killed driver, exit codes, bad input."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -145,9 +146,9 @@ def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
     # every job row names the code revision that ran it (a clone of this repository has one)
     from harness.store import git_revision
 
-    jobs = (out / "jobs.csv").read_text().splitlines()
-    col = jobs[0].split(",").index("git_revision")
-    assert {line.split(",")[col] for line in jobs[1:]} == {git_revision()} != {None}
+    with open(out / "jobs.csv", newline="") as fh:
+        jobs = list(csv.DictReader(fh))
+    assert {j["git_revision"] for j in jobs} == {git_revision()} != {None}
     missing = run_cli("publish", "--suite", "table1", "--run", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--suite table1" in missing.stderr

@@ -1,0 +1,25 @@
+"""harness/protocol.py helpers: learned curves, and the job identity of budget keys."""
+
+import numpy as np
+
+from harness.protocol import curve
+from harness.runner import Job
+
+
+def test_curve_block_means_keep_trend_and_length():
+    assert curve([3.0, 1.0], points=5) == [3.0, 1.0]  # short curves unchanged
+    v = np.arange(1000, dtype=float)
+    c = curve(v, points=10)
+    assert len(c) == 10 and c[0] == np.mean(v[:100]) and c[-1] == np.mean(v[900:])
+    noisy = 1.0 + np.where(np.arange(1001) % 2, 0.5, -0.5)  # alternating noise around 1
+    assert np.allclose(curve(noisy, points=7), 1.0, atol=1e-2)
+
+
+def test_budget_keys_do_not_change_a_jobs_identity():
+    hp = {"iterations": 100, "max_minutes": None}
+    uncapped = Job("ou", "paired", "wlm", "paper", 0, hp, budget_keys=("max_minutes",))
+    capped = Job("ou", "paired", "wlm", "paper", 0, dict(hp, max_minutes=30), budget_keys=("max_minutes",))
+    other = Job("ou", "paired", "wlm", "paper", 0, dict(hp, iterations=200), budget_keys=("max_minutes",))
+    assert capped.job_id == uncapped.job_id != other.job_id
+    # without the declaration the cap would be a setting like any other
+    assert Job("ou", "paired", "wlm", "paper", 0, dict(hp, max_minutes=30)).job_id != uncapped.job_id

@@ -457,6 +457,9 @@ class RayExecutor:
                 kwargs["address"] = self.address
             else:
                 kwargs["num_cpus"] = self.workers
+                # Ray nices its workers (15) by default; here they are the benchmark itself, and
+                # niced jobs starve behind any foreground process (fit times, max_minutes budgets)
+                kwargs["_system_config"] = {"worker_niceness": 0}
             kwargs.update(self.ray_init)
             # the harness's own modules must be importable by workers (editable or installed)
             ray.init(**kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,12 @@ def ray_cluster():
     """A local Ray cluster with 2 CPUs and 2 declared (fake) GPUs, shared by all tests."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        with warnings.catch_warnings():
+            # JAX (imported by earlier tests) warns on every fork; Ray's are subprocess fork+exec
+            # of its daemons (the child runs no JAX code), not a fork of this runtime
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     _system_config={"worker_niceness": 0})  # as the harness starts its own
     yield ray
     ray.shutdown()
 

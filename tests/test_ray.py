@@ -89,3 +89,19 @@ def test_sigterm_stops_a_ray_sweep_like_ctrl_c_and_the_rerun_resumes(tmp_path, r
     assert [r["method"] for r in done if r.get("row_type") == "job"] == ["static"]
     plan = run_cli(*args, "--dry-run")
     assert "1 done, 1 to run" in plan.stdout, plan.stdout + plan.stderr
+
+
+def test_a_cluster_the_harness_starts_does_not_nice_its_workers(monkeypatch):
+    """Ray nices workers by default; the executor's own local cluster runs them at the driver's
+    priority (checked by asking a real worker once: os.nice(0) == 0 with this setting)."""
+    ray = pytest.importorskip("ray")
+    from harness.runner import RayExecutor
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    RayExecutor(workers=2)._init()
+    assert seen["num_cpus"] == 2 and seen["_system_config"] == {"worker_niceness": 0}
+    seen.clear()
+    RayExecutor(workers=2, address="auto")._init()  # joining a cluster: its own settings stand
+    assert seen["address"] == "auto" and "_system_config" not in seen

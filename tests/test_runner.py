@@ -198,6 +198,7 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert ckpt.exists()
     table = capped.stdout.split("**ou**")[1]
     assert "| wlm " in table and "partial" in table  # the cell says why it has no number
+    assert "partial (1/8 its)" in run_cli(*args, "--dry-run").stdout
     shown = run_cli("report", str(out), "--include-partial")
     assert shown.returncode == 0, shown.stderr
     assert "| wlm (partial) " in shown.stdout and "wlm on paired seed 0 at 1 of 8 iterations" in shown.stdout

@@ -888,6 +888,8 @@ class WLM(Method):
             "blur": self._blur,
             "iterations": int(self._iterations),
             "iterations_target": int(self.hparams["iterations"]),
+            # the initial (untrained) weights' share in the EMA that predicts: decay^iterations
+            "ema_init_weight": float(self.hparams["ema_decay"]) ** int(self._iterations),
             "training_complete": bool(self._complete),
             "resumed_at": ",".join(str(i) for i in self._resumed_at),
             "fit_seconds": float(self._fit_seconds),

@@ -261,6 +261,7 @@ def test_training_lowers_the_loss_and_beats_static():
     assert w_model < 0.5 * w_static
     learned = m.learned()
     assert learned["iterations"] == 120 and len(learned["gamma_curve"]) <= 200
+    assert learned["ema_init_weight"] == pytest.approx(0.95 ** 120)
     assert learned["gamma"] != 1.0  # friction is learned
     # pickles after fit, and predicts the same after a round trip
     again = pickle.loads(pickle.dumps(m)).predict(data.marginals[0], (1.0, 2.0), seed=0)

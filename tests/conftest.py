@@ -44,3 +44,30 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "run_all.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of small-tensor tests (as every job gets): small
+    networks on 2 loaded cores ran up to 40x slower with more, whatever the environment set."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fixed_potential(fn):
+    """A hand-written scalar network s(x, t) = fn(x, t) with the interface of the learned ones
+    (action matching, DICE): a module with one (unused) parameter, t given per row."""
+    import torch
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x, t):
+            return fn(x, t.reshape(-1).to(x.dtype)) + 0 * self.dummy
+
+    return Fixed()

@@ -13,28 +13,10 @@ from harness.conformance import check_method
 from harness.protocol import Marginal, TrainData
 from methods.action_matching import AM, SAM, UAM, am_loss, grad_x, integrate, interpolant_batch, laplacian
 
+from .conftest import fixed_potential
+
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is several times faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class _Fixed(torch.nn.Module):
-    """A hand-written s(x, t) with the interface of the learned network."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x, t):
-        return self.fn(x, t.reshape(-1).to(x.dtype)) + 0 * self.dummy
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_module_imports_without_torch():
@@ -68,14 +50,14 @@ def test_am_loss_closed_form():
     xs = [rng.normal(size=(50, 2)) + k for k in range(4)]
     a = torch.tensor([0.7, -1.3], dtype=torch.float64)
     c = 2.5
-    model = _Fixed(lambda x, t: c * t + x @ a)
+    model = fixed_potential(lambda x, t: c * t + x @ a)
     hp = {"batch_size": 50, "pairing": "independent"}
     val = float(am_loss(model, xs, times, np.random.default_rng(1), hp).detach())
     m0, mk = xs[0].mean(0), xs[-1].mean(0)
     expect = float(a.numpy() @ (m0 - mk) + 0.5 * 4.0 * (a.numpy() ** 2).sum())
     assert val == pytest.approx(expect, rel=1e-10, abs=1e-10)
     # UAM adds (λ/2) s² inside the time integral: with s = 1 (constant) the loss is exactly λ/2 · T
-    one = _Fixed(lambda x, t: torch.ones(x.shape[0], dtype=x.dtype))
+    one = fixed_potential(lambda x, t: torch.ones(x.shape[0], dtype=x.dtype))
     assert float(am_loss(one, xs, times, np.random.default_rng(1), hp, lam=1.0).detach()) == pytest.approx(2.0)
 
 
@@ -98,7 +80,7 @@ def test_sam_laplacian_exact_on_quadratic():
         g = torch.Generator().manual_seed(d)
         A = torch.randn(d, d, generator=g, dtype=torch.float64)
         b = torch.randn(d, generator=g, dtype=torch.float64)
-        model = _Fixed(lambda x, t: ((x @ A) * x).sum(1) + t * (x @ b))
+        model = fixed_potential(lambda x, t: ((x @ A) * x).sum(1) + t * (x @ b))
         x = torch.randn(4000, d, generator=g, dtype=torch.float64).requires_grad_(True)
         t = torch.rand(4000, generator=g, dtype=torch.float64)
         lap = laplacian(model, x, t, generator=g)
@@ -127,13 +109,13 @@ def test_integrators_closed_forms():
     the weights are ∝ exp(λ T x₁(0)). s = 0 with σ: Euler-Maruyama gives pure N(0, σ² T) noise."""
     rng = np.random.default_rng(0)
     x0 = rng.normal(size=(300, 2))
-    model = _Fixed(lambda x, t: x[:, 0])
+    model = fixed_potential(lambda x, t: x[:, 0])
     xs, ws = integrate(model, x0, 1.0, [1.5, 3.0], steps_per_unit=10, min_steps=1, growth=0.7)
     np.testing.assert_allclose(xs[1], x0 + [2.0, 0.0], atol=1e-12)
     w = np.exp(0.7 * 2.0 * x0[:, 0])
     np.testing.assert_allclose(ws[1], w / w.sum(), rtol=1e-9)
     assert all(np.all(wi > 0) for wi in ws)
-    zero = _Fixed(lambda x, t: 0 * x[:, 0])
+    zero = fixed_potential(lambda x, t: 0 * x[:, 0])
     big = rng.normal(size=(20000, 2))
     (xe,), none = integrate(zero, big, 0.0, [4.0], steps_per_unit=5, min_steps=1, sigma=0.1, seed=3)
     assert none is None

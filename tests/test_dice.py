@@ -8,26 +8,10 @@ import pytest
 from harness.conformance import check_method
 from methods.dice import DICE, dice_loss, trapezoid_weights
 
+from .conftest import fixed_potential
+
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is several times faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class _Fixed(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x, t):
-        return self.fn(x, t.reshape(-1).to(x.dtype)) + 0 * self.dummy
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_conformance():
@@ -54,7 +38,7 @@ def test_dice_loss_closed_form():
     times = np.array([0.0, 2.0, 3.0, 4.0])
     xs = [rng.normal(size=(40, 3)) + k for k in range(4)]
     b = torch.tensor([0.3, -0.8, 1.1], dtype=torch.float64)
-    model = _Fixed(lambda x, t: t * (x @ b))
+    model = fixed_potential(lambda x, t: t * (x @ b))
     val = float(dice_loss(model, xs, times, np.random.default_rng(1), {"batch_size": 40}).detach())
     m = [x.mean(0) for x in xs]
     bn = b.numpy()
@@ -64,7 +48,7 @@ def test_dice_loss_closed_form():
     assert val == pytest.approx(float(expect), rel=1e-10)
     # a linear, time-independent s = a·x is minimised at the mean velocity (m_K - m_0)/(t_K - t_0)
     a = torch.tensor((m[-1] - m[0]) / 4.0, requires_grad=True)
-    lin = _Fixed(lambda x, t: x @ a)
+    lin = fixed_potential(lambda x, t: x @ a)
     (g,) = torch.autograd.grad(dice_loss(lin, xs, times, np.random.default_rng(1), {"batch_size": 40}), a)
     assert float(g.abs().max()) < 1e-10
 

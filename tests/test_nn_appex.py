@@ -23,15 +23,7 @@ from methods.nn_appex import (  # noqa: E402
     fit_potential,
     sigma2_update,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is fastest, and several threads spin badly on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_module_imports_without_torch():

@@ -19,14 +19,7 @@ from harness.metrics import w1  # noqa: E402
 from harness.protocol import Marginal, TrainData  # noqa: E402
 from methods import wlm  # noqa: E402
 from methods.wlm import WLM, WLMZeroFriction  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_hp(**changes):

@@ -21,7 +21,9 @@ Executors run a list of jobs and hand each finished job's rows to a callback (th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -70,6 +72,7 @@ class Job:
     framework: str = field(default="numpy", compare=False, hash=False)
     budget_keys: tuple[str, ...] = field(default=(), compare=False, hash=False)
     checkpoint_path: str | None = field(default=None, compare=False, hash=False)
+    log_path: str | None = field(default=None, compare=False, hash=False)
 
     @property
     def task(self) -> str:
@@ -147,12 +150,59 @@ def _split_learned(learned: dict) -> tuple[dict, dict]:
     return scalars, curves
 
 
+class _Tee(io.TextIOBase):
+    """A text stream that writes through to several (the job's stderr and its log file)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s: str) -> int:
+        for st in self.streams:
+            try:
+                st.write(s)
+                st.flush()  # a worker killed a moment later must not lose the line
+            except (OSError, ValueError):
+                pass
+        return len(s)
+
+
+@contextlib.contextmanager
+def _stderr_to_log(path: str | None):
+    """Copy everything the job writes to ``sys.stderr`` into its log file (appended per attempt).
+    Under Ray, workers' output does not reach the driver's terminal: the log is where a long
+    fit's progress can be followed (``tail -f``). A log that cannot be opened is skipped."""
+    fh = None
+    if path:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a", encoding="utf-8")
+        except OSError:
+            fh = None
+    if fh is None:
+        yield
+        return
+    fh.write(f"--- attempt started {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}, "
+             f"pid {os.getpid()}\n")
+    fh.flush()
+    try:
+        with contextlib.redirect_stderr(_Tee(sys.stderr, fh)):
+            yield
+    finally:
+        fh.close()
+
+
 def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
     """Run one job and return ``{"job": job_row, "targets": [target rows], "curves": {...},
     "predictions": {"<query>/times": ..., "<query>/samples": (T, n, d) float32, ...}}``.
 
     Never raises for a failure of the task or the method: it returns a row with the status.
+    What the job writes to stderr is also appended to ``job.log_path`` when it is set.
     """
+    with _stderr_to_log(job.log_path):
+        return _run_job(job, num_threads, device)
+
+
+def _run_job(job: Job, num_threads: int, device: str) -> dict:
     from harness import metrics, registry
 
     _set_threads(num_threads)

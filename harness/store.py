@@ -12,6 +12,8 @@ Layout of a run directory:
   (``invocations.jsonl`` keeps every invocation's revision and versions).
 - ``artifacts/<attempt>_<job_id>.json``: a job's curves (loss, friction, σ² per iteration, ...);
   ``artifacts/<attempt>_<job_id>.npz``: its predicted samples per query (float32), for figures.
+- ``logs/<job_id>.log``: what the job wrote to stderr (long fits' progress lines, warnings, the
+  last words of a job that died), every attempt appended under a header line.
 - ``checkpoints/<job_id>.ckpt``: the training state of a job that has not finished ``ok`` (a
   method that checkpoints writes it; the sweep deletes it once the job's rows are stored ``ok``).
 
@@ -141,6 +143,10 @@ class RunStore:
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".json"
         atomic_write_text(self.root / "artifacts" / name, dumps(payload))
         return f"artifacts/{name}"
+
+    def log_path(self, job_id: str) -> Path:
+        """A job's stderr, every attempt appended (progress lines, warnings, last words)."""
+        return self.root / "logs" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".log")
 
     def checkpoint_path(self, job_id: str) -> Path:
         """Where a job may keep its training state between attempts (``Method.checkpoint_path``)."""

@@ -147,7 +147,8 @@ def run_plan(
 ) -> dict[str, dict]:
     """Run the plan's jobs that are not done; return the latest job row per selected job id."""
     done = set() if force else store.done_job_ids()
-    todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)))
+    todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)),
+                                log_path=str(store.log_path(j.job_id)))
             for j in plan.jobs if j.job_id not in done]
     if force:  # a forced rerun starts from scratch, not from an earlier attempt's training state
         for j in todo:
@@ -155,6 +156,8 @@ def run_plan(
     if todo:
         if executor == "ray":
             ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
+            if progress:  # workers' stderr does not reach this terminal
+                print(f"jobs' output (progress of long fits): {store.root / 'logs'}/", file=sys.stderr)
         elif executor == "serial":
             ex = SerialExecutor(timeout=timeout, num_threads=threads)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ class Raises(_Base):
     name = "test_raises"
 
     def fit(self, data: TrainData) -> None:
+        print("test_raises: about to fail", file=sys.stderr)  # the job's log must keep it
         raise RuntimeError("injected failure")
 
 
@@ -59,6 +61,7 @@ class KillsWorker(_Base):
     name = "test_kills_worker"
 
     def fit(self, data: TrainData) -> None:
+        print("test_kills_worker: about to die", file=sys.stderr)  # the job's log must keep it
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -29,6 +29,11 @@ def test_faults_under_ray(tmp_path, ray_cluster):
     status = {r["method"]: r["status"] for r in latest.values()}
     assert status == {"harness.testing:Raises": "failed", "harness.testing:KillsWorker": "failed",
                       "harness.testing:Sleeps": "timeout", "static": "ok"}
+    # workers' stderr never reaches the driver; each job's log keeps it, last words included
+    logs = {r["method"]: RunStore(tmp_path).log_path(r["job_id"]).read_text() for r in latest.values()}
+    assert "test_raises: about to fail" in logs["harness.testing:Raises"]
+    assert "test_kills_worker: about to die" in logs["harness.testing:KillsWorker"]
+    assert logs["static"].startswith("--- attempt started")
 
 
 def test_gpu_jobs_spread_one_per_gpu_and_cpu_jobs_pin_jax_to_cpu(tmp_path, ray_cluster):

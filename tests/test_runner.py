@@ -37,6 +37,8 @@ def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path):
     assert "injected failure" in rows["harness.testing:Raises"]["error"]
     assert "Traceback" in rows["harness.testing:Raises"]["traceback"]
     assert "died" in rows["harness.testing:KillsWorker"]["error"]
+    log = RunStore(out).log_path(rows["harness.testing:KillsWorker"]["job_id"]).read_text()
+    assert "test_kills_worker: about to die" in log  # a killed job's last words are kept
     assert "4 of 5 jobs did not finish ok" in r.stderr
 
 

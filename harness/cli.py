@@ -134,6 +134,9 @@ def _publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="only these seeds (e.g. 0 or 0-2; default: every seed in the run)")
     p.add_argument("--seed", type=int, default=0, help="the seed whose rollouts the figures show")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--include-partial", action="store_true",
+                   help="also tabulate partial jobs as '<method> (partial)' rows, with a footnote giving the "
+                   "iterations each reached (figures show complete jobs only)")
     return p
 
 
@@ -370,11 +373,16 @@ def cmd_publish(argv: Sequence[str]) -> int:
     keep = set(parse_seeds(args.seeds)) if args.seeds else None
     if keep is not None:
         rows = [r for r in rows if r["seed"] in keep]
+    extra_notes: dict[str, str] = {}
+    if args.include_partial:
+        rows, extra_notes = _as_partial_rows(rows)
     job_rows, target_rows = _split(rows)
     if not job_rows:
         raise PopbenchError(f"no {args.profile} rows in {run_dir}")
     methods = registry.methods.expand(suite.methods)
-    render(job_rows, target_rows, out, compare="paper", method_order=_method_order(methods), profile=args.profile)
+    order = _method_order([name for m in methods for name in (m, f"{m} (partial)")])
+    render(job_rows, target_rows, out, compare="paper", method_order=order, profile=args.profile,
+           extra_notes=extra_notes)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("environment.json", "invocations.jsonl"):  # provenance: versions, git revision, commands
         if (run_dir / name).exists():

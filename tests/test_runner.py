@@ -204,6 +204,12 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     shown = run_cli("report", str(out), "--include-partial")
     assert shown.returncode == 0, shown.stderr
     assert "| wlm (partial) " in shown.stdout and "wlm on paired seed 0 at 1 of 8 iterations" in shown.stdout
+    pub = tmp_path / "published"
+    published = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(out), "--out", str(pub),
+                        "--include-partial")
+    assert published.returncode == 0, published.stderr
+    md = (pub / "ou.md").read_text()
+    assert "| wlm (partial) " in md and "wlm on paired seed 0 at 1 of 8 iterations" in md
     # the cap is a budget, not a setting: the same job, not done, continued from the checkpoint
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr

@@ -217,3 +217,37 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert done["job_id"] == job["job_id"] and done["status"] == "ok"
     assert done["learned"]["iterations"] == 8 and done["learned"]["resumed_at"] == "1"
     assert not ckpt.exists()  # stored ok: the training state is gone
+
+
+_FAULTS_PROBE = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "keep":
+    from harness.runner import keep_freed_memory
+    assert keep_freed_memory()
+def step():  # the shape of an attention step's temporaries: a few fresh 4-16 MB buffers, then freed
+    a = np.ones((4, 1000, 1000), np.float32); b = np.ones((4, 1000, 1000), np.float32)
+    c = np.ones((1000, 1000), np.float32)
+    del a, b, c
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_jobs_keep_freed_memory_so_fresh_large_buffers_do_not_page_fault_again():
+    def faults(mode: str) -> int:
+        r = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout)
+
+    assert faults("default") > 2000  # glibc hands the buffers back and the kernel zeroes them anew
+    assert faults("keep") < 100
+    # and every job turns it on (in its own process here, so that nothing else did before)
+    job = ("from harness.runner import Job, run_job, _MALLOC_TUNED; assert not _MALLOC_TUNED; "
+           "run_job(Job('ou', 'paired', 'static', 'quick', 0)); print(_MALLOC_TUNED)")
+    r = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[True]", r.stderr

@@ -127,9 +127,9 @@ def keep_freed_memory() -> bool:
     page: at N = 1000 a WLM training step spent ~0.035 of its ~0.65 CPU-s in page faults
     (``benchmarks/wlm_step.py --no-keep-freed-memory`` shows it). Blocks below 32 MB now come from
     the heap, which is trimmed only past 1 GB free: the process keeps its footprint instead of
-    returning it (the peak is unchanged). Allocation addresses do not change any number (torch and NumPy align
-    their buffers themselves). Every job calls this once; a no-op off glibc. Returns whether it
-    applied."""
+    returning it (the peak is unchanged). Allocation addresses do not change any number (torch
+    and NumPy align their buffers themselves). Every job calls this once; a no-op off glibc.
+    Returns whether it applied."""
     if _MALLOC_TUNED:
         return _MALLOC_TUNED[0]
     ok = False

@@ -135,8 +135,8 @@ def _publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the seed whose rollouts the figures show")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--include-partial", action="store_true",
-                   help="also tabulate partial jobs as '<method> (partial)' rows, with a footnote giving the "
-                   "iterations each reached (figures show complete jobs only)")
+                   help="also tabulate and draw partial jobs as '<method> (partial)', with a footnote giving the "
+                   "iterations each reached")
     return p
 
 
@@ -393,7 +393,8 @@ def cmd_publish(argv: Sequence[str]) -> int:
     for family, variant in dict.fromkeys((r["task"], r["variant"]) for r in job_rows):
         path = figs / f"{family}_{variant}_rollouts.png"
         try:
-            rollout_figure(run_dir, family, variant, learners, path, seed=args.seed, data_dir=args.data_dir)
+            rollout_figure(run_dir, family, variant, learners, path, seed=args.seed, data_dir=args.data_dir,
+                           include_partial=args.include_partial)
             print(f"wrote {path}")
         except PopbenchError as exc:
             print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)

@@ -15,27 +15,30 @@ from harness.protocol import PopbenchError
 from harness.store import RunStore
 
 
-def _latest_ok(store: RunStore, family: str, variant: str, seed: int, method: str) -> dict | None:
+def _latest(store: RunStore, family: str, variant: str, seed: int, method: str,
+            statuses: Sequence[str] = ("ok",)) -> dict | None:
     rows = [r for r in store.latest_jobs().values()
             if r["task"] == family and r["variant"] == variant and r["seed"] == seed and r["method"] == method
-            and r.get("status") == "ok"]
+            and r.get("status") in statuses]
     return max(rows, key=lambda r: r.get("finished_at", 0)) if rows else None
 
 
 def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], seed: int = 0,
-                   data_dir: str | None = None) -> tuple[list[float], list[np.ndarray], dict[str, list]]:
+                   data_dir: str | None = None, include_partial: bool = False,
+                   ) -> tuple[list[float], list[np.ndarray], dict[str, list]]:
     """What :func:`rollout_figure` draws: the target times (every query's, in time order), the
     truth at each, and per method its stored prediction at each time, or None where it gave none
-    (e.g. an interpolation-only method at a forecast time)."""
+    (e.g. an interpolation-only method at a forecast time). With ``include_partial`` a method
+    whose job stopped early (status ``partial``) is drawn too, labelled ``<method> (partial)``."""
     store = RunStore(run_dir)
     task = registry.tasks.load(family)(variant, seed=seed, data_dir=data_dir)
     preds: dict[str, dict] = {}
     for m in methods:
-        row = _latest_ok(store, family, variant, seed, m)
+        row = _latest(store, family, variant, seed, m, ("ok", "partial") if include_partial else ("ok",))
         if row is None or not row.get("predictions"):
             continue
         with np.load(store.root / row["predictions"]) as f:
-            preds[m] = {k: f[k] for k in f.files}
+            preds[m if row["status"] == "ok" else f"{m} (partial)"] = {k: f[k] for k in f.files}
     if not preds:
         raise PopbenchError(f"{run_dir} has no stored predictions of {', '.join(methods)} on {family}/{variant} "
                             f"seed {seed}: run them first")
@@ -62,11 +65,12 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
 
 
 def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], path: str | Path,
-                   seed: int = 0, data_dir: str | None = None, max_panels: int = 11) -> Path:
+                   seed: int = 0, data_dir: str | None = None, max_panels: int = 11,
+                   include_partial: bool = False) -> Path:
     """Truth row, then one row per method, columns = target times (every query's targets, in time
     order; at most ``max_panels`` of them, evenly spread); a method that does not answer a time
-    gets an empty panel marked "—"."""
-    times, truth, by_method = rollout_panels(run_dir, family, variant, methods, seed, data_dir)
+    gets an empty panel marked "—". ``include_partial``: as in :func:`rollout_panels`."""
+    times, truth, by_method = rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial)
     return plots.plot_rollouts(times, truth, by_method, path,
                                title=f"{family}/{variant} (seed {seed}, {Path(run_dir).name})", max_panels=max_panels)
 

@@ -210,6 +210,14 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert published.returncode == 0, published.stderr
     md = (pub / "ou.md").read_text()
     assert "| wlm (partial) " in md and "wlm on paired seed 0 at 1 of 8 iterations" in md
+    assert (pub / "figures" / "ou_paired_rollouts.png").exists()
+    from harness.figures import rollout_panels
+    from harness.protocol import PopbenchError
+
+    _, _, drawn = rollout_panels(out, "ou", "paired", ["wlm"], include_partial=True)
+    assert list(drawn) == ["wlm (partial)"]
+    with pytest.raises(PopbenchError):  # by default figures show complete jobs only
+        rollout_panels(out, "ou", "paired", ["wlm"])
     # the cap is a budget, not a setting: the same job, not done, continued from the checkpoint
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr

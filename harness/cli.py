@@ -402,12 +402,13 @@ def cmd_publish(argv: Sequence[str]) -> int:
     curves = {"wlm": ("gamma_curve", "learned friction γ", "learn_friction")}
     for family in dict.fromkeys(r["task"] for r in job_rows):
         for m, (key, label, flag) in curves.items():
-            if m not in learners or not any(r["method"] == m and r["task"] == family and r.get("hparams", {}).get(flag)
-                                            for r in job_rows):
+            if m not in learners or not any(r["method"] in (m, f"{m} (partial)") and r["task"] == family
+                                            and r.get("hparams", {}).get(flag) for r in job_rows):
                 continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
             path = figs / f"{family}_{m}_{key}.png"
             try:
-                curve_figure(run_dir, m, key, path, family=family, ylabel=label, seeds=keep)
+                curve_figure(run_dir, m, key, path, family=family, ylabel=label, seeds=keep,
+                             include_partial=args.include_partial)
                 print(f"wrote {path}")
             except PopbenchError as exc:
                 print(f"note: no {key} figure for {family}: {exc}", file=sys.stderr)

@@ -76,18 +76,21 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
 
 
 def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, family: str | None = None,
-                 ylabel: str | None = None, seeds: set[int] | None = None) -> Path:
-    """One line per (variant, seed) of a stored learned curve, e.g. ``gamma_curve`` of ``wlm``."""
+                 ylabel: str | None = None, seeds: set[int] | None = None, include_partial: bool = False) -> Path:
+    """One line per (variant, seed) of a stored learned curve, e.g. ``gamma_curve`` of ``wlm``;
+    with ``include_partial`` also of jobs that stopped early (labelled "(partial)")."""
     store = RunStore(run_dir)
     curves = {}
+    statuses = ("ok", "partial") if include_partial else ("ok",)
     for r in store.latest_jobs().values():
-        if r["method"] != method or r.get("status") != "ok" or not r.get("artifact"):
+        if r["method"] != method or r.get("status") not in statuses or not r.get("artifact"):
             continue
         if (family and r["task"] != family) or (seeds is not None and r["seed"] not in seeds):
             continue
         data = json.loads((store.root / r["artifact"]).read_text())
         if key in data:
-            curves[f"{r['task']}/{r['variant']} s{r['seed']}"] = data[key]
+            label = f"{r['task']}/{r['variant']} s{r['seed']}" + (" (partial)" if r["status"] == "partial" else "")
+            curves[label] = data[key]
     if not curves:
         raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")
     return plots.plot_curves(dict(sorted(curves.items())), path, ylabel=ylabel or key, xlabel="logged step",

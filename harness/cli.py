@@ -96,7 +96,8 @@ def _as_partial_rows(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
                     f"{r['method'][:-len(' (partial)')]} on {r['variant']} seed {r['seed']} at "
                     + (f"{n:,} of {of:,} iterations" if isinstance(n, int) and isinstance(of, int) else "an early stop"))
         out.append(r)
-    notes = {f: "(partial) = training stopped early, not the configured run: " + "; ".join(v) + "."
+    notes = {f: "(partial) = training stopped early, not the configured run: " + "; ".join(v) + ". "
+             "In a (partial) row, — may also be a variant that has not run yet."
              for f, v in reached.items()}
     return out, notes
 

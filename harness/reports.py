@@ -413,6 +413,8 @@ def jobs_frame(job_rows: Iterable[dict]) -> pd.DataFrame:
         rec = {k: r.get(k) for k in ("task", "variant", "method", "profile", "seed", "status", "error", "fit_s",
                                      "predict_s", "wall_s", "peak_mem_mb", "device", "hparams_hash",
                                      "git_revision")}
+        if (r.get("learned") or {}).get("training_complete") is False:
+            rec["status"] = "partial"  # also where a table relabels it "<method> (partial)" to show it
         for k, v in (r.get("learned") or {}).items():
             rec[f"learned.{k}"] = v
         recs.append(rec)

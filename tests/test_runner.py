@@ -212,6 +212,8 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert "| wlm (partial) " in md and "wlm on paired seed 0 at 1 of 8 iterations" in md
     assert (pub / "figures" / "ou_paired_rollouts.png").exists()
     assert (pub / "figures" / "ou_wlm_gamma_curve.png").exists()  # the learned friction so far
+    with open(pub / "jobs.csv", newline="") as fh:
+        assert [j["status"] for j in csv.DictReader(fh) if j["method"] == "wlm (partial)"] == ["partial"]
     from harness.figures import rollout_panels
     from harness.protocol import PopbenchError
 

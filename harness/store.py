@@ -43,6 +43,11 @@ ROWS = "rows.jsonl"
 STATUSES = ("ok", "partial", "failed", "diverged", "timeout", "skipped")
 
 
+def _file_name(job_id: str) -> str:
+    """A job id (or stem) made safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id)
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -140,22 +145,22 @@ class RunStore:
         return [r for r in self.read_rows() if latest.get(r.get("job_id")) == r.get("attempt_id")]
 
     def write_artifact(self, job_id: str, payload: dict) -> str:
-        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".json"
+        name = _file_name(job_id) + ".json"
         atomic_write_text(self.root / "artifacts" / name, dumps(payload))
         return f"artifacts/{name}"
 
     def log_path(self, job_id: str) -> Path:
         """A job's stderr, every attempt appended (progress lines, warnings, last words)."""
-        return self.root / "logs" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".log")
+        return self.root / "logs" / (_file_name(job_id) + ".log")
 
     def checkpoint_path(self, job_id: str) -> Path:
         """Where a job may keep its training state between attempts (``Method.checkpoint_path``)."""
-        return self.root / "checkpoints" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id) + ".ckpt")
+        return self.root / "checkpoints" / (_file_name(job_id) + ".ckpt")
 
     def write_predictions(self, stem: str, arrays: dict) -> str:
         """A job's predicted samples per query (float32, compressed), for figures."""
         self.ensure()
-        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", stem) + ".npz"
+        name = _file_name(stem) + ".npz"
         path = self.root / "artifacts" / name
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp.npz")
         np.savez_compressed(tmp, **arrays)

@@ -83,18 +83,20 @@ def _report_parser() -> argparse.ArgumentParser:
 def _as_partial_rows(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
     """Partial jobs' rows relabelled '<method> (partial)' (scored, never mixed with complete
     seeds), and per family a note saying how far each one trained."""
-    partial = {r["job_id"]: r for r in rows if r.get("row_type") == "job" and r.get("status") == "partial"}
+    from harness.store import partial_label
+
+    partial = {r["job_id"] for r in rows if r.get("row_type") == "job" and r.get("status") == "partial"}
     out, reached = [], {}
     for r in rows:
         if r.get("job_id") in partial:
-            r = {**r, "method": f"{r['method']} (partial)"}
             if r.get("row_type") == "job":
-                r["status"] = "ok"
                 lr = r.get("learned") or {}
                 n, of = lr.get("iterations"), lr.get("iterations_target")
                 reached.setdefault(r["task"], []).append(
-                    f"{r['method'][:-len(' (partial)')]} on {r['variant']} seed {r['seed']} at "
+                    f"{r['method']} on {r['variant']} seed {r['seed']} at "
                     + (f"{n:,} of {of:,} iterations" if isinstance(n, int) and isinstance(of, int) else "an early stop"))
+                r = {**r, "status": "ok"}
+            r = {**r, "method": partial_label(r["method"])}
         out.append(r)
     notes = {f: "(partial) = training stopped early, not the configured run: " + "; ".join(v) + ". "
              "In a (partial) row, — may also be a variant that has not run yet."
@@ -362,6 +364,7 @@ def cmd_plot(argv: Sequence[str]) -> int:
 def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
     from harness.figures import curve_figure, rollout_figure
+    from harness.store import partial_label
     from harness.suites import REFERENCE, get_suite, run_name
     from harness.sweep import default_run_dir, parse_seeds
 
@@ -381,7 +384,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
     if not job_rows:
         raise PopbenchError(f"no {args.profile} rows in {run_dir}")
     methods = registry.methods.expand(suite.methods)
-    order = _method_order([name for m in methods for name in (m, f"{m} (partial)")])
+    order = _method_order([name for m in methods for name in (m, partial_label(m))])
     render(job_rows, target_rows, out, compare="paper", method_order=order, profile=args.profile,
            extra_notes=extra_notes)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,7 +406,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
     curves = {"wlm": ("gamma_curve", "learned friction γ", "learn_friction")}
     for family in dict.fromkeys(r["task"] for r in job_rows):
         for m, (key, label, flag) in curves.items():
-            if m not in learners or not any(r["method"] in (m, f"{m} (partial)") and r["task"] == family
+            if m not in learners or not any(r["method"] in (m, partial_label(m)) and r["task"] == family
                                             and r.get("hparams", {}).get(flag) for r in job_rows):
                 continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
             path = figs / f"{family}_{m}_{key}.png"

@@ -12,12 +12,12 @@ import numpy as np
 
 from harness import plots, registry
 from harness.protocol import PopbenchError
-from harness.store import RunStore
+from harness.store import RunStore, partial_label
 
 
-def _latest(store: RunStore, family: str, variant: str, seed: int, method: str,
+def _latest(latest_jobs: dict[str, dict], family: str, variant: str, seed: int, method: str,
             statuses: Sequence[str] = ("ok",)) -> dict | None:
-    rows = [r for r in store.latest_jobs().values()
+    rows = [r for r in latest_jobs.values()
             if r["task"] == family and r["variant"] == variant and r["seed"] == seed and r["method"] == method
             and r.get("status") in statuses]
     return max(rows, key=lambda r: r.get("finished_at", 0)) if rows else None
@@ -33,12 +33,13 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
     store = RunStore(run_dir)
     task = registry.tasks.load(family)(variant, seed=seed, data_dir=data_dir)
     preds: dict[str, dict] = {}
+    latest_jobs = store.latest_jobs()  # read rows.jsonl once, not once per method
     for m in methods:
-        row = _latest(store, family, variant, seed, m, ("ok", "partial") if include_partial else ("ok",))
+        row = _latest(latest_jobs, family, variant, seed, m, ("ok", "partial") if include_partial else ("ok",))
         if row is None or not row.get("predictions"):
             continue
         with np.load(store.root / row["predictions"]) as f:
-            preds[m if row["status"] == "ok" else f"{m} (partial)"] = {k: f[k] for k in f.files}
+            preds[m if row["status"] == "ok" else partial_label(m)] = {k: f[k] for k in f.files}
     if not preds:
         raise PopbenchError(f"{run_dir} has no stored predictions of {', '.join(methods)} on {family}/{variant} "
                             f"seed {seed}: run them first")
@@ -89,7 +90,8 @@ def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, f
             continue
         data = json.loads((store.root / r["artifact"]).read_text())
         if key in data:
-            label = f"{r['task']}/{r['variant']} s{r['seed']}" + (" (partial)" if r["status"] == "partial" else "")
+            label = f"{r['task']}/{r['variant']} s{r['seed']}"
+            label = partial_label(label) if r["status"] == "partial" else label
             curves[label] = data[key]
     if not curves:
         raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")

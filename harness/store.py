@@ -43,6 +43,11 @@ ROWS = "rows.jsonl"
 STATUSES = ("ok", "partial", "failed", "diverged", "timeout", "skipped")
 
 
+def partial_label(method: str) -> str:
+    """How tables and figures name a ``partial`` job's method, so it never passes for a complete run."""
+    return f"{method} (partial)"
+
+
 def _file_name(job_id: str) -> str:
     """A job id (or stem) made safe as a file name."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", job_id)

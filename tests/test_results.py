@@ -1,9 +1,17 @@
-"""The README's results section quotes committed results files verbatim (no hand-typed numbers)."""
+"""The README's results section quotes committed results files verbatim (no hand-typed numbers), and
+cheap committed jobs still come out of today's code with the published numbers."""
 
 import importlib.util
 import re
 
-from .conftest import ROOT
+import numpy as np
+import pytest
+
+from harness import data, registry
+from harness.protocol import PopbenchError
+from harness.store import RunStore
+
+from .conftest import ROOT, run_cli
 
 _spec = importlib.util.spec_from_file_location("refresh_readme", ROOT / "results" / "refresh_readme.py")
 refresh = importlib.util.module_from_spec(_spec)
@@ -32,3 +40,42 @@ def test_every_quote_is_matched_alone_and_an_empty_one_is_filled(tmp_path):
     text = f"<!-- quote: {rel} -->\n<!-- /quote -->\n\nkeep me\n\n<!-- quote: {rel} -->\nSTALE BODY\n<!-- /quote -->\n"
     out = refresh.refresh(text)
     assert "keep me" in out and out.count(refresh.table_body(rel)) == 2 and "STALE BODY" not in out
+
+
+# Cheap committed quick-profile jobs, rerun by today's code: a published number that the code no longer
+# produces (a changed default, generator or metric) fails here, not in a user's rerun. One per table;
+# seed 0; each under a minute on the 2-core CI machine. Expensive jobs (WLM) are checked by hand.
+REPRODUCED = [
+    ("table1", "gf_sde/quadratic-paired", "jkonet_star"),
+    ("table2", "vortex/interpolation", "am"),
+    ("table2", "vortex/forecast", "static"),
+    ("table3", "eb300/holdout-1", "am"),
+    ("table4", "boids/unseen-init", "static"),
+]
+
+
+@pytest.mark.parametrize("table,task,method", REPRODUCED, ids=[f"{t}-{m}" for t, _, m in REPRODUCED])
+def test_committed_quick_rows_reproduce(tmp_path, table, task, method):
+    pd = pytest.importorskip("pandas")
+    family, variant = task.split("/")
+    for name in registry.tasks.load(family).variant_data_files(variant):
+        try:
+            data.resolve(name, download=False)
+        except PopbenchError as exc:
+            pytest.skip(str(exc))
+    committed = pd.read_csv(ROOT / "results" / "quick" / table / "rows_long.csv")
+    committed = committed[(committed.task == family) & (committed.variant == variant) & (committed.method == method)
+                          & (committed.seed == 0) & committed.w1.notna()]
+    assert len(committed), f"results/quick/{table} has no scored rows for {method} on {task}, seed 0"
+    out = tmp_path / "run"
+    r = run_cli("--tasks", task, "--methods", method, "--profile", "quick", "--seeds", "0", "--out", str(out),
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ours = pd.DataFrame([row for row in RunStore(out).read_rows()
+                         if row.get("row_type") == "target" and row["w1"] is not None])
+    assert set(ours.hparams_hash) == set(committed.hparams_hash), \
+        f"{method}'s quick settings changed since results/quick/{table} was published: republish it"
+    key = ["query", "t"]
+    merged = committed.merge(ours, on=key, how="outer", suffixes=("_committed", "_now"), indicator=True)
+    assert (merged._merge == "both").all(), merged.loc[merged._merge != "both", key + ["_merge"]]
+    np.testing.assert_allclose(merged.w1_now, merged.w1_committed, rtol=1e-6, atol=1e-9)

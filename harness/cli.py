@@ -233,6 +233,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     args.methods = args.methods or DEFAULT_METHODS
     if args.data_dir:
         os.environ["POPBENCH_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    for name, value, ok, what in (("--workers", args.workers, args.workers >= 1, "at least 1"),
+                                  ("--threads", args.threads, args.threads >= 1, "at least 1"),
+                                  ("--timeout", args.timeout, args.timeout is None or args.timeout > 0, "above 0")):
+        if not ok:
+            raise PopbenchError(f"{name} must be {what}, got {value:g}")
     seeds = parse_seeds(args.seeds or "0")
     plan = plan_jobs(args.tasks, args.methods, args.profile, seeds, parse_overrides(args.overrides), args.data_dir)
     run_dir = Path(args.out) if args.out else default_run_dir(args.name, args.profile)

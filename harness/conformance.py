@@ -169,6 +169,10 @@ def check_method(
         json.dumps(hp)
     except TypeError as exc:
         _fail(f"default_hparams must be JSON-serialisable: {exc}")
+    try:
+        method_cls.check_hparams(hp)
+    except ValueError as exc:
+        _fail(f"{method_cls.__name__}.check_hparams refuses its own settings for {task.name} ({profile}): {exc}")
     queries = task.queries()
     first = _fit_predict(method_cls, hp, data, queries, seed, task)
     if not first:

@@ -266,8 +266,19 @@ class Method(abc.ABC):
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
         """The resolved settings for a task (``"family/variant"``) and a profile
-        (``smoke``/``quick``/``paper``); usually ``resolve_hparams(HPARAMS, task, profile)``."""
+        (``smoke``/``quick``/``paper``); usually ``resolve_hparams(HPARAMS, task, profile)``.
+
+        These keys are the method's settings: ``--set`` may change only them (a typo is an error,
+        not a silently ignored key), a value must have its default's type (an int for an int, a
+        number for a float, ...; ``null`` is always allowed), and ``--set KEY=VALUE`` without a
+        method name changes every selected method that has KEY."""
         return {}
+
+    @classmethod
+    def check_hparams(cls, hp: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` (one sentence) for settings this method cannot run with: a value out
+        of range, an unknown choice. Called on every job's settings when the job matrix is planned,
+        so bad ``--set`` values stop the command before any job runs. The default accepts all."""
 
     @abc.abstractmethod
     def fit(self, data: TrainData) -> None:

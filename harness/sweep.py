@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -53,6 +54,56 @@ def parse_seeds(spec: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def _typed(method: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` for a setting whose default is ``default``, converted where lossless (``1`` for a
+    float setting is ``1.0``, ``1e3`` for an int one ``1000``); a value of another type is an error."""
+    if value is None or default is None:
+        return value
+    want, ok = type(default).__name__, True
+    if isinstance(default, bool):
+        want, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        want, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        want, ok = "a string", isinstance(value, str)
+    elif isinstance(default, (list, tuple)):
+        want, ok = "a JSON list", isinstance(value, list)
+    elif isinstance(default, dict):
+        want, ok = "a JSON object", isinstance(value, dict)
+    if not ok:
+        raise PopbenchError(f"--set {method}.{key}={json.dumps(value)}: {key} takes {want} "
+                            f"(default {json.dumps(default)})")
+    return value
+
+
+def _settings(mname: str, mcls, task: str, profile: str, overrides: dict[str, dict[str, Any]]) -> dict:
+    """The method's settings for a task and profile with the ``--set`` overrides applied: global
+    ones where the method has the key, its own ones always (an unknown key is an error)."""
+    hp = dict(mcls.default_hparams(task, profile))
+    for key, value in overrides.get("*", {}).items():
+        if key in hp:
+            hp[key] = _typed(mname, key, value, hp[key])
+    for key, value in overrides.get(mname, {}).items():
+        if key not in hp:
+            if not hp:
+                raise PopbenchError(f"--set {mname}.{key}: {mname} declares no settings "
+                                    "(its default_hparams() is empty), so there is nothing to set")
+            near = difflib.get_close_matches(key, hp, n=1)
+            raise PopbenchError(f"--set {mname}.{key}: {mname} has no setting {key!r}"
+                                + (f"; did you mean {near[0]!r}?" if near else f"; it has {', '.join(sorted(hp))}"))
+        hp[key] = _typed(mname, key, value, hp[key])
+    try:
+        mcls.check_hparams(hp)
+    except ValueError as exc:
+        raise PopbenchError(f"{mname} on {task} ({profile}): {exc}") from exc
+    return hp
+
+
 @dataclass
 class Plan:
     jobs: list[Job]
@@ -93,6 +144,7 @@ def plan_jobs(
         raise PopbenchError(f"--set names method(s) {', '.join(sorted(unknown))} that are not selected")
     jobs: list[Job] = []
     skipped: list[str] = []
+    used_globals: set[str] = set()
     for family, variant in pairs:
         task_cls = registry.tasks.load(family)
         probe = None
@@ -110,15 +162,18 @@ def plan_jobs(
                 raise PopbenchError(
                     f"{mname} cannot {what}, and every target of {family}/{variant} needs it; drop one of them"
                 )
-            hp = dict(mcls.default_hparams(f"{family}/{variant}", profile))
-            hp.update(overrides.get("*", {}))
-            hp.update(overrides.get(mname, {}))
+            hp = _settings(mname, mcls, f"{family}/{variant}", profile, overrides)
+            used_globals.update(overrides.get("*", {}).keys() & hp.keys())
             for seed in seeds:
                 jobs.append(Job(family, variant, mname, profile, int(seed), hp, data_dir,
                                 num_gpus=float(caps.num_gpus), framework=caps.framework,
                                 budget_keys=tuple(mcls.budget_keys)))
     if not jobs:
         raise PopbenchError("nothing to run: " + "; ".join(skipped) if skipped else "nothing to run")
+    unused = sorted(set(overrides.get("*", {})) - used_globals)
+    if unused:
+        raise PopbenchError(f"--set {unused[0]}: no selected method has a setting {unused[0]!r} "
+                            "(name the method, --set METHOD.KEY=VALUE, to see what it has)")
     return Plan(jobs, skipped)
 
 

@@ -1,7 +1,7 @@
 """Fault-injecting and probing dummy methods, for the harness's own tests and benchmarks.
 
 Use them by reference, e.g. ``--methods harness.testing:Raises``. Each is ``static`` plus one
-misbehaviour, controlled by its hyperparameters (``--set sleep=5``).
+misbehaviour, controlled by the settings it declares (``--set harness.testing:Sleeps.sleep=5``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,11 @@ from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainDa
 
 class _Base(Method):
     capabilities = Capabilities(interpolate=True, forecast=True)
+    settings: dict[str, Any] = {}  # the declared settings, the same for every task and profile
+
+    @classmethod
+    def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
+        return dict(cls.settings)
 
     def fit(self, data: TrainData) -> None:
         pass
@@ -50,9 +56,10 @@ class Sleeps(_Base):
     """Sleeps ``hparams["sleep"]`` seconds (default 60) in ``fit``."""
 
     name = "test_sleeps"
+    settings = {"sleep": 60.0}
 
     def fit(self, data: TrainData) -> None:
-        time.sleep(float(self.hparams.get("sleep", 60)))
+        time.sleep(float(self.hparams["sleep"]))
 
 
 class KillsWorker(_Base):
@@ -69,9 +76,10 @@ class Busy(_Base):
     """Burns ``hparams["seconds"]`` of CPU (default 2) in pure Python: a CPU-bound dummy job."""
 
     name = "test_busy"
+    settings = {"seconds": 2.0}
 
     def fit(self, data: TrainData) -> None:
-        end = time.process_time() + float(self.hparams.get("seconds", 2.0))
+        end = time.process_time() + float(self.hparams["seconds"])
         x = 0
         while time.process_time() < end:
             for i in range(10_000):
@@ -82,12 +90,13 @@ class Busy(_Base):
 class EnvProbe(_Base):
     """Records where it ran: device, pid, CUDA_VISIBLE_DEVICES, JAX_PLATFORMS, ...
 
-    Declares ``num_gpus=1`` when ``hparams["gpu"]`` is true (subclass :class:`GpuEnvProbe`)."""
+    Its subclass :class:`GpuEnvProbe` declares ``num_gpus=1``."""
 
     name = "test_env_probe"
+    settings = {"sleep": 0.0}
 
     def fit(self, data: TrainData) -> None:
-        time.sleep(float(self.hparams.get("sleep", 0.0)))
+        time.sleep(float(self.hparams["sleep"]))
         self._env = {
             "device": self.device,
             "pid": os.getpid(),

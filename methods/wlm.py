@@ -682,6 +682,26 @@ class WLM(Method):
         hp.update(cls._table_changes)
         return hp
 
+    @classmethod
+    def check_hparams(cls, hp: dict[str, Any]) -> None:
+        def need(key: str, ok, what: str, optional: bool = False) -> None:
+            value = hp.get(key)
+            if not ((value is None and optional) or (value is not None and ok(value))):
+                raise ValueError(f"{key} must be {what}, got {value!r}")
+
+        need("v0", lambda v: v in ("zero", "data"), "'zero' or 'data'")
+        need("attention", lambda v: v in ("fast", "plain"), "'fast' or 'plain'")
+        need("sinkhorn_p", lambda v: v in (1, 2), "1 or 2 (geomloss's Sinkhorn)")
+        for key in ("iterations", "heads", "hidden", "blocks", "ff", "train_substeps", "predict_substeps"):
+            need(key, lambda v: v >= 1, "at least 1")
+        need("hidden", lambda v: v % hp["heads"] == 0, f"a multiple of heads ({hp['heads']})")
+        need("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("friction", lambda v: v >= 0, "at least 0")
+        need("max_minutes", lambda v: v > 0, "above 0 (null: no cap)", optional=True)
+        need("blur", lambda v: v > 0, "above 0 (null: half the median pairwise distance)", optional=True)
+        need("particles_per_batch", lambda v: v >= 2, "at least 2 (null: all particles)", optional=True)
+        need("max_horizon", lambda v: v >= 1, "at least 1 (null: every training interval)", optional=True)
+
     @property
     def used_velocities(self) -> bool:
         return self.hparams.get("v0", "zero") == "data"

@@ -15,6 +15,14 @@ def test_every_builtin_method_conforms(name):
     check_method(cls)  # toy OU task, smoke profile: pickles, shapes, finiteness, same seed -> same output
 
 
+@pytest.mark.parametrize("name", list(registry.BUILTIN_METHODS))
+def test_every_builtin_methods_settings_pass_its_own_check_everywhere(name):
+    cls = registry.methods.load(name)
+    for family, variant in registry.expand_tasks("*"):
+        for profile in ("smoke", "quick", "paper"):
+            cls.check_hparams(cls.default_hparams(f"{family}/{variant}", profile))
+
+
 @pytest.mark.parametrize("family", list(registry.BUILTIN_TASKS))
 def test_every_builtin_task_conforms(family):
     cls = registry.tasks.load(family)

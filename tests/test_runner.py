@@ -89,6 +89,15 @@ def test_a_killed_driver_loses_no_finished_row_and_duplicates_none(tmp_path):
         (("--methods", ","), "selects no method"),
         (("--seeds", "a"), "--seeds expects integers"),
         (("--tasks", "ou", "--methods", "static", "--set", "wlm.lr=1"), "not selected"),
+        (("--methods", "wlm", "--set", "wlm.iteratons=3"), "did you mean 'iterations'"),
+        (("--methods", "wlm", "--set", "wlm.lr=abc"), "lr takes a number"),
+        (("--methods", "wlm", "--set", "wlm.iterations=1.5"), "iterations takes an integer"),
+        (("--methods", "wlm", "--set", "wlm.v0=dta"), "v0 must be 'zero' or 'data'"),
+        (("--methods", "wlm", "--set", "wlm.max_minutes=0"), "max_minutes must be above 0"),
+        (("--methods", "static,wlm", "--set", "lrr=1"), "no selected method has a setting 'lrr'"),
+        (("--methods", "static", "--set", "static.x=1"), "declares no settings"),
+        (("--workers", "0"), "--workers must be at least 1"),
+        (("--timeout", "-1"), "--timeout must be above 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(tmp_path, args, sentence):
@@ -97,6 +106,21 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, args, sentence):
     assert sentence in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_set_changes_only_declared_settings_with_their_types():
+    from harness.sweep import plan_jobs
+
+    plain = {j.method: j for j in plan_jobs("ou/paired", "static,wlm", "smoke", [0]).jobs}
+    jobs = {j.method: j for j in plan_jobs("ou/paired", "static,wlm", "smoke", [0],
+                                           {"*": {"iterations": 1e3, "lr": 1}, "wlm": {"max_minutes": None}}).jobs}
+    assert jobs["static"].hparams == {} and jobs["static"].hparams_hash == plain["static"].hparams_hash
+    hp = jobs["wlm"].hparams
+    assert hp["iterations"] == 1000 and type(hp["iterations"]) is int  # 1e3 is JSON's float
+    assert hp["lr"] == 1.0 and type(hp["lr"]) is float
+    assert hp["max_minutes"] is None
+    assert {k: v for k, v in hp.items() if k not in ("iterations", "lr")} == \
+        {k: v for k, v in plain["wlm"].hparams.items() if k not in ("iterations", "lr")}
 
 
 def test_a_method_asked_only_to_forecast_that_cannot_is_refused(monkeypatch):

@@ -234,6 +234,25 @@ def resolve_hparams(table: Mapping[str, Mapping[str, Mapping[str, Any]]], task: 
     raise PopbenchError(f"no {profile!r} hyperparameters for task {task!r}")
 
 
+def require(hp: Mapping[str, Any], key: str, ok: Callable[[Any], bool], what: str, *, optional: bool = False) -> None:
+    """For :meth:`Method.check_hparams`: raise ``ValueError("KEY must be WHAT, got VALUE")`` unless
+    ``ok(hp[key])`` (or the value is ``None`` and the setting is ``optional``)."""
+    value = hp.get(key)
+    if not ((value is None and optional) or (value is not None and ok(value))):
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+def require_choice(hp: Mapping[str, Any], key: str, choices: Sequence[Any]) -> None:
+    """For :meth:`Method.check_hparams`: ``hp[key]`` must be one of ``choices``."""
+    require(hp, key, lambda v: v in choices, " or ".join(repr(c) for c in choices))
+
+
+def require_at_least(hp: Mapping[str, Any], *keys: str, minimum: float = 1) -> None:
+    """For :meth:`Method.check_hparams`: each of ``keys`` is at least ``minimum`` (counts: 1)."""
+    for key in keys:
+        require(hp, key, lambda v: v >= minimum, f"at least {minimum:g}")
+
+
 class Method(abc.ABC):
     """Base class of every method.
 

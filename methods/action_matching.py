@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, resolve_hparams
+from harness.protocol import (
+    Capabilities, Marginal, Method, Prediction, TrainData, require, require_at_least, require_choice, resolve_hparams,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Hyperparameters. HPARAMS[profile][task_key]; task_key is "family/variant", "family" or "default".
@@ -312,6 +314,14 @@ class _ScalarFlowMethod(Method):
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
         return resolve_hparams(HPARAMS, task, profile)
+
+    @classmethod
+    def check_hparams(cls, hp: dict[str, Any]) -> None:
+        require_choice(hp, "pairing", ("independent", "ot"))
+        require_at_least(hp, "hidden", "depth", "batch_size", "iterations", "steps_per_unit", "min_steps",
+                         "log_points", "val_steps_per_unit", "val_max_points")
+        require_at_least(hp, "eval_every", "grad_clip", *({"lam", "sigma"} & hp.keys()), minimum=0)  # UAM, sAM
+        require(hp, "lr", lambda v: v > 0, "above 0")
 
     # -- training -----------------------------------------------------------------------------------
 

@@ -55,7 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, curve, resolve_hparams
+from harness.protocol import (
+    Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, resolve_hparams,
+)
 
 # --------------------------------------------------------------------------------------------
 # Hyperparameters: HPARAMS[profile][task_key]
@@ -411,6 +413,15 @@ class JKOnetStar(Method):
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
         return resolve_hparams(cls._table, task, profile)
+
+    @classmethod
+    def check_hparams(cls, hp: dict[str, Any]) -> None:
+        require_at_least(hp, "epochs", "batch_size", "gmm_components", "gmm_iters", "loss_curve_points",
+                         "predict_substeps", *({"fixed_point_iters"} & hp.keys()))
+        for key in ("lr", "clip_norm", "theta3_init", "density_floor"):
+            require(hp, key, lambda v: v > 0, "above 0")
+        require(hp, "plan_threshold", lambda v: 0 <= v < 1, "in [0, 1)")
+        require(hp, "hidden", lambda v: len(v) > 0 and all(isinstance(w, int) and w >= 1 for w in v), "a non-empty list of layer widths")
 
     @property
     def _time_dep(self) -> bool:

@@ -68,7 +68,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, resolve_hparams
+from harness.protocol import (
+    Capabilities, Marginal, Method, Prediction, TrainData, require, require_at_least, require_choice, resolve_hparams,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Hyperparameters: HPARAMS[profile][task_key], task_key = "family/variant", "family" or "default".
@@ -572,6 +574,17 @@ class NNAPPEX(Method):
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
         return resolve_hparams(HPARAMS, task, profile)
+
+    @classmethod
+    def check_hparams(cls, hp: dict[str, Any]) -> None:
+        require_choice(hp, "init_drift", ("zero", "random"))
+        require_choice(hp, "ipf_scheme", ("damped", "alternating"))
+        require_choice(hp, "estep_dtype", ("float64", "float32"))
+        require_at_least(hp, "n_outer", "ipf_max_sweeps", "n_paths", "estep_max_elements", "width", "depth",
+                         "epochs", "batch_size")
+        for key in ("sigma2_init", "epsilon", "ipf_tol", "lr", "sigma2_min"):
+            require(hp, key, lambda v: v > 0, "above 0")
+        require(hp, "ipf_damping", lambda v: 0 < v <= 1, "in (0, 1]")
 
     def fit(self, data: TrainData) -> None:
         import torch

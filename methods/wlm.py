@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from harness.protocol import Capabilities, Marginal, Method, Prediction, TrainData, curve, resolve_hparams
+from harness.protocol import (
+    Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, require_choice,
+    resolve_hparams,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters: HPARAMS[profile][task_key], task_key = "family/variant", "family" or "default".
@@ -684,23 +687,17 @@ class WLM(Method):
 
     @classmethod
     def check_hparams(cls, hp: dict[str, Any]) -> None:
-        def need(key: str, ok, what: str, optional: bool = False) -> None:
-            value = hp.get(key)
-            if not ((value is None and optional) or (value is not None and ok(value))):
-                raise ValueError(f"{key} must be {what}, got {value!r}")
-
-        need("v0", lambda v: v in ("zero", "data"), "'zero' or 'data'")
-        need("attention", lambda v: v in ("fast", "plain"), "'fast' or 'plain'")
-        need("sinkhorn_p", lambda v: v in (1, 2), "1 or 2 (geomloss's Sinkhorn)")
-        for key in ("iterations", "heads", "hidden", "blocks", "ff", "train_substeps", "predict_substeps"):
-            need(key, lambda v: v >= 1, "at least 1")
-        need("hidden", lambda v: v % hp["heads"] == 0, f"a multiple of heads ({hp['heads']})")
-        need("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
-        need("friction", lambda v: v >= 0, "at least 0")
-        need("max_minutes", lambda v: v > 0, "above 0 (null: no cap)", optional=True)
-        need("blur", lambda v: v > 0, "above 0 (null: half the median pairwise distance)", optional=True)
-        need("particles_per_batch", lambda v: v >= 2, "at least 2 (null: all particles)", optional=True)
-        need("max_horizon", lambda v: v >= 1, "at least 1 (null: every training interval)", optional=True)
+        require_choice(hp, "v0", ("zero", "data"))
+        require_choice(hp, "attention", ("fast", "plain"))
+        require_choice(hp, "sinkhorn_p", (1, 2))  # geomloss's Sinkhorn
+        require_at_least(hp, "iterations", "heads", "hidden", "blocks", "ff", "train_substeps", "predict_substeps")
+        require(hp, "hidden", lambda v: v % hp["heads"] == 0, f"a multiple of heads ({hp['heads']})")
+        require(hp, "ema_decay", lambda v: 0 <= v < 1, "in [0, 1)")
+        require_at_least(hp, "friction", "lr", "weight_decay", "friction_lr", "dropout", "time_features", minimum=0)
+        require(hp, "max_minutes", lambda v: v > 0, "above 0 (null: no cap)", optional=True)
+        require(hp, "blur", lambda v: v > 0, "above 0 (null: half the median pairwise distance)", optional=True)
+        require(hp, "particles_per_batch", lambda v: v >= 2, "at least 2 (null: all particles)", optional=True)
+        require(hp, "max_horizon", lambda v: v >= 1, "at least 1 (null: every training interval)", optional=True)
 
     @property
     def used_velocities(self) -> bool:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -286,3 +287,21 @@ def test_jobs_keep_freed_memory_so_fresh_large_buffers_do_not_page_fault_again()
            "run_job(Job('ou', 'paired', 'static', 'quick', 0)); print(_MALLOC_TUNED)")
     r = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[True]", r.stderr
+
+
+@pytest.mark.parametrize("method, key, value, sentence", [
+    ("am", "pairing", "exact", "pairing must be 'independent' or 'ot'"),
+    ("sam", "sigma", -0.1, "sigma must be at least 0"),
+    ("dice", "iterations", 0, "iterations must be at least 1"),
+    ("nn_appex", "ipf_scheme", "sinkhorn", "ipf_scheme must be 'damped' or 'alternating'"),
+    ("jkonet_star", "hidden", [], "hidden must be a non-empty list"),
+    ("ijkonet", "lr_map", 0, "lr_map must be above 0"),
+    ("wlm", "ema_decay", 1, "ema_decay must be in [0, 1)"),
+])
+def test_each_method_refuses_settings_it_cannot_run_with_before_any_job(method, key, value, sentence):
+    from harness.protocol import PopbenchError
+    from harness.sweep import plan_jobs
+
+    assert plan_jobs("ou/paired", method, "smoke", [0]).jobs  # its defaults pass
+    with pytest.raises(PopbenchError, match=re.escape(sentence)):
+        plan_jobs("ou/paired", method, "smoke", [0], {method: {key: value}})

@@ -92,13 +92,14 @@ def _as_partial_rows(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
             if r.get("row_type") == "job":
                 lr = r.get("learned") or {}
                 n, of = lr.get("iterations"), lr.get("iterations_target")
-                reached.setdefault(r["task"], []).append(
-                    f"{r['method']} on {r['variant']} seed {r['seed']} at "
-                    + (f"{n:,} of {of:,} iterations" if isinstance(n, int) and isinstance(of, int) else "an early stop"))
+                at = f"{n:,} of {of:,} iterations" if isinstance(n, int) and isinstance(of, int) else "an early stop"
+                text = f"{r['method']} on {r['variant']} seed {r['seed']} at {at}"
+                reached.setdefault(r["task"], []).append((r["method"], r["variant"], r["seed"], text))  # sorted below
                 r = {**r, "status": "ok"}
             r = {**r, "method": partial_label(r["method"])}
         out.append(r)
-    notes = {f: "(partial) = training stopped early, not the configured run: " + "; ".join(v) + ". "
+    notes = {f: "(partial) = training stopped early, not the configured run: "
+             + "; ".join(text for *_, text in sorted(v)) + ". "
              "In a (partial) row, — may also be a variant that has not run yet."
              for f, v in reached.items()}
     return out, notes

@@ -117,13 +117,34 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), se, int(v.size)
 
 
+def column_variants(cells: pd.DataFrame) -> dict[tuple[str, str, str], set[str]]:
+    """(task, group, key) -> the variants whose ok jobs (of any method) feed that column."""
+    ok = cells.dropna(subset=["key"])
+    return {k: set(v) for k, v in ok.groupby(["task", "group", "key"], sort=False)["variant"]}
+
+
+def _complete_seeds(cells: pd.DataFrame, ok: pd.DataFrame) -> pd.Series:
+    """Mask over ``ok``: the row's seed has an ok job on every variant its column averages (those
+    the column has, among those the method was run on with any seed, whatever the status). A seed
+    whose hardest variant failed must not be averaged over the easy ones alone."""
+    feeds = column_variants(cells)
+    ran = {k: set(v) for k, v in cells.groupby(["task", "method"], sort=False)["variant"]}
+    have = {k: set(v) for k, v in ok.groupby(["task", "method", "group", "key", "seed"], sort=False)["variant"]}
+    complete = {k: v >= (feeds[(k[0], k[2], k[3])] & ran[(k[0], k[1])]) for k, v in have.items()}
+    return pd.Series([complete[k] for k in zip(ok.task, ok.method, ok.group, ok.key, ok.seed)], index=ok.index,
+                     dtype=bool)
+
+
 def aggregate(cells: pd.DataFrame, by_variant: bool = False) -> pd.DataFrame:
     """Mean ± SE over seeds of the per-seed cells.
 
-    Family level (default): per (method, group, key, seed) the mean over variants, then over seeds.
+    Family level (default): per (method, group, key, seed) the mean over variants, then over seeds;
+    a seed without an ok job on every variant of the column is left out (``n`` counts the rest).
     ``by_variant``: per (variant, method, group, key), over seeds.
     """
     ok = cells.dropna(subset=["key"])
+    if not by_variant and not ok.empty:
+        ok = ok[_complete_seeds(cells, ok)]
     if ok.empty:
         return pd.DataFrame(columns=["task", "variant", "method", "group", "key", "mean", "se", "n", "n_variants"])
     keys = ["task", "method", "group", "key"] + (["variant"] if by_variant else [])
@@ -230,6 +251,7 @@ def build_table(
     ordered = learners + refs
     variants = [""] if not by_variant else list(dict.fromkeys(fam["variant"]))
     seeds_n = sorted({int(n) for n in agg["n"]}) if not agg.empty else []
+    feeds = column_variants(fam)
 
     def stat(method, variant, group, key):
         sel = agg[(agg.method == method) & (agg.group == group) & (agg.key == key)]
@@ -242,7 +264,7 @@ def build_table(
     rows: list[tuple[str, list[str]]] = []
     latex_rows: list[list[str]] = []
     footnotes: list[str] = []
-    flagged = False
+    flagged = fewer = False
     disagreements = compared = 0
     for variant in variants:
         vfam = fam if not by_variant else fam[fam.variant == variant]
@@ -275,9 +297,9 @@ def build_table(
                     tex_cells.append("")
                     continue
                 s = stat(m, variant, *ck)
-                if s is None:
-                    text = (str(failed.status.iloc[-1]) if not failed.empty and (mrows.status == "ok").sum() == 0
-                            else "—")
+                if s is None:  # "—": cannot answer; else what happened to the jobs this column needed
+                    fed = failed[failed.variant.isin(feeds.get((family, *ck), set()))]
+                    text = "/".join(dict.fromkeys(fed.status.astype(str))) if not fed.empty else "—"
                     md_cells.append(text)
                     tex_cells.append("---" if text == "—" else text)
                     continue
@@ -299,6 +321,7 @@ def build_table(
                 if seeds_n and int(s["n"]) != max(seeds_n):
                     text += f" (n={int(s['n'])})"
                     tex += f" (n={int(s['n'])})"
+                    fewer = True
                 if paper is not None:
                     pv = _paper_value(paper, family, paper_table, by_variant, variant, s, m, ck, mrows)
                     if pv is not None:
@@ -328,6 +351,9 @@ def build_table(
     )
     if flagged:
         footnotes.append("† does not beat `static` on this column.")
+    if fewer:
+        footnotes.append("(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an "
+                         "ok job on some variant the cell averages.")
     if any("(v)" in lbl for lbl, _ in rows):
         footnotes.append("(v) = the method used the task's observed velocities.")
     if paper is not None and compared:
@@ -397,13 +423,20 @@ def _published_only_rows(paper, family, paper_table, colkeys, methods, digits):
 # Writing a report
 
 
-def long_rows_frame(rows: Iterable[dict]) -> pd.DataFrame:
+def long_rows_frame(rows: Iterable[dict], job_rows: Iterable[dict] = ()) -> pd.DataFrame:
+    """One row per target. ``status`` is the job's where that is not ``ok`` (a target of a fit
+    stopped early is scored ``ok`` but belongs to a ``partial`` job), else the target's own."""
+    job_status = {(j.get("job_id"), j.get("attempt_id")): j.get("status") for j in job_rows}
     recs = []
     for r in rows:
         if r.get("row_type") != "target":
             continue
-        recs.append({k: r.get(k) for k in ("task", "variant", "method", "profile", "seed", "query", "group", "t",
-                                            "index", "w1", "w2", "mmd", "status", "device", "hparams_hash")})
+        rec = {k: r.get(k) for k in ("task", "variant", "method", "profile", "seed", "query", "group", "t",
+                                     "index", "w1", "w2", "mmd", "status", "device", "hparams_hash")}
+        job = job_status.get((r.get("job_id"), r.get("attempt_id")))
+        if job not in (None, "ok"):
+            rec["status"] = job
+        recs.append(rec)
     return pd.DataFrame.from_records(recs)
 
 
@@ -451,6 +484,6 @@ def write_report(
             if t.aggregate is not None:
                 t.aggregate.to_csv(out / f"{stem}_aggregate.csv", index=False)
             tables.append(t)
-    long_rows_frame(target_rows).to_csv(out / "rows_long.csv", index=False)
+    long_rows_frame(target_rows, job_rows).to_csv(out / "rows_long.csv", index=False)
     jobs_frame(job_rows).to_csv(out / "jobs.csv", index=False)
     return tables

@@ -49,11 +49,12 @@ GOLDEN_MD = """**fam**
 
 fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean ± SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; — = the method cannot answer (interpolation-only).
 † does not beat `static` on this column.
+(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an ok job on some variant the cell averages.
 """
 
 GOLDEN_TEX = r"""\begin{table}
 \centering
-\caption{fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean $\pm$ SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; --- = the method cannot answer (interpolation-only). $^\dagger$ does not beat static on this column.}
+\caption{fam: exact W1 (lower is better), each cell averages the family's variants per seed, then mean $\pm$ SE over n = 1/2 seeds; profile quick; 2-core CPU. Bold best, underlined second among learners; --- = the method cannot answer (interpolation-only). $^\dagger$ does not beat static on this column. (n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an ok job on some variant the cell averages.}
 \begin{tabular}{lll}
 \toprule
  & Train W1 & Forecast W1 \\
@@ -129,3 +130,40 @@ def test_agreement_rule():
     assert not agrees(0.10, 0.01, 0.039, 0.002)
     assert agrees(0.704, float("nan"), 0.704, float("nan"))
     assert not np.isnan(0.0)
+
+
+def test_a_seed_missing_a_variant_is_left_out_of_the_family_cell_not_averaged_over_the_rest():
+    # seed 2's hard variant failed: averaging its easy variant alone would give 0.05 and a bold best
+    rows = [_job("w", v, s, {("", "train_w1"): x}) for s in (0, 1) for v, x in (("easy", 0.05), ("hard", 1.0))]
+    rows += [_job("w", "easy", 2, {("", "train_w1"): 0.05}), _job("w", "hard", 2, {}, status="failed")]
+    rows += [_job("static", v, s, {("", "train_w1"): 0.5}) for s in (0, 1, 2) for v in ("easy", "hard")]
+    t = build_table(cells_frame(rows), "fam")
+    agg = t.aggregate.set_index(["method", "key"])
+    assert agg.loc[("w", "train_w1"), "mean"] == pytest.approx(0.525)  # (0.05 + 1.0) / 2, seeds 0 and 1
+    assert agg.loc[("w", "train_w1"), "n"] == 2
+    cell = dict(t.rows)["w"][0]
+    assert cell == "**0.525 ± 0.000** † (n=2)"  # the only learner, so bold; worse than static
+    assert any(f.startswith("(n=k)") for f in t.footnotes)
+
+
+def test_a_column_whose_jobs_failed_says_so_instead_of_cannot_answer():
+    rows = [_job("w", "interpolation", 0, {("", "w1_holdout_1"): 0.1}),
+            _job("w", "forecast", 0, {}, status="timeout"),
+            _job("am", "interpolation", 0, {("", "w1_holdout_1"): 0.2}),  # interpolation-only: no forecast job
+            _job("static", "interpolation", 0, {("", "w1_holdout_1"): 0.5}),
+            _job("static", "forecast", 0, {("", "train_w1"): 0.9})]
+    t = build_table(cells_frame(rows), "fam")
+    cells = dict(t.rows)
+    col = t.columns.index("Train W1")
+    assert cells["w"][col] == "timeout" and cells["am"][col] == "—"
+
+
+def test_rows_long_gives_a_partial_jobs_targets_the_jobs_status(tmp_path):
+    job = {**_job("w", "v1", 0, {("", "train_w1"): 0.1}), "status": "partial", "job_id": "j", "attempt_id": "a1"}
+    target = {"row_type": "target", "task": "fam", "variant": "v1", "method": "w", "profile": "quick", "seed": 0,
+              "query": "rollout", "group": "train", "t": 1.0, "index": 1, "w1": 0.1, "status": "ok",
+              "job_id": "j", "attempt_id": "a1"}
+    write_report([job], [target], tmp_path)
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "rows_long.csv").status.tolist() == ["partial"]

@@ -573,33 +573,58 @@ class RayExecutor:
             restore()
 
     def _run(self, ray, jobs: Sequence[Job], on_result: OnResult) -> None:
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        cluster_gpus = float(resources.get("GPU", 0))
         remote = ray.remote(_ray_job)
-        pending = list(jobs)
-        inflight: dict[Any, tuple[Job, float, str]] = {}
-        slots = max(1, self.workers)
+        pending = [(job, *self.placement(job, cluster_gpus)) for job in jobs]
+        inflight: dict[Any, tuple[Job, float, str, float]] = {}
+        # Submit only what the cluster can start at once (CPU slots, and GPUs for GPU jobs), so that
+        # a submitted job is a running job and --timeout never counts time spent in Ray's queue
+        # (on a cluster shared with other drivers it still may: their jobs hold resources too).
+        slots = max(1, min(self.workers, int(resources.get("CPU", self.workers))))
+        free_gpus = cluster_gpus
+
+        def finish(ref) -> None:
+            job, _, device, gpus = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # worker died, or the task raised outside run_job
+                kind = type(exc).__name__
+                result = failure_result(job, "failed", f"{kind}: the job's worker died or raised ({exc})"[:2000],
+                                        traceback.format_exc(), device)
+            nonlocal free_gpus
+            free_gpus += gpus
+            on_result(job, result)
+
         while pending or inflight:
-            while pending and len(inflight) < slots:
-                job = pending.pop(0)
-                opts, device = self.placement(job, cluster_gpus)
+            i = 0
+            while i < len(pending) and len(inflight) < slots:
+                job, opts, device = pending[i]
+                if opts["num_gpus"] > free_gpus + 1e-9:
+                    i += 1  # waits for a GPU; CPU jobs behind it may start
+                    continue
+                pending.pop(i)
+                free_gpus -= opts["num_gpus"]
                 ref = remote.options(**opts).remote(job, device)
-                inflight[ref] = (job, time.monotonic(), device)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            for ref in ready:
-                job, _, device = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # worker died, or the task raised outside run_job
-                    kind = type(exc).__name__
-                    result = failure_result(job, "failed", f"{kind}: the job's worker died or raised ({exc})"[:2000], traceback.format_exc(), device)
-                on_result(job, result)
+                inflight[ref] = (job, time.monotonic(), device, opts["num_gpus"])
+            if not inflight:  # cannot happen: placement caps a job's GPUs at the cluster's
+                raise RuntimeError(f"no job of {len(pending)} fits the Ray cluster ({resources})")
+            ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0.5)
+            for ref in ready:  # every job that finished, not one per pass
+                finish(ref)
             if self.timeout is not None:
                 now = time.monotonic()
-                for ref, (job, t_start, device) in list(inflight.items()):
-                    if now - t_start > self.timeout:
-                        ray.cancel(ref, force=True)
-                        inflight.pop(ref)
-                        on_result(job, failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout", device=device))
+                for ref, (job, t_start, device, gpus) in list(inflight.items()):
+                    if now - t_start <= self.timeout:
+                        continue
+                    if ray.wait([ref], timeout=0)[0]:  # finished since the wait above: keep its result
+                        finish(ref)
+                        continue
+                    ray.cancel(ref, force=True)
+                    inflight.pop(ref)
+                    free_gpus += gpus
+                    on_result(job, failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout",
+                                                  device=device))
 
 
 def job_to_dict(job: Job) -> dict:

@@ -114,6 +114,13 @@ class GpuEnvProbe(EnvProbe):
     capabilities = Capabilities(interpolate=True, forecast=True, num_gpus=1, framework="torch")
 
 
+class TwoGpuEnvProbe(EnvProbe):
+    """Needs two GPUs: on the test cluster (2 fake GPUs) one such job at a time fits."""
+
+    name = "test_two_gpu_env_probe"
+    capabilities = Capabilities(interpolate=True, forecast=True, num_gpus=2, framework="torch")
+
+
 class InterpolationOnly(_Base):
     """``static`` that declares it cannot forecast."""
 

@@ -50,6 +50,16 @@ def test_gpu_jobs_spread_one_per_gpu_and_cpu_jobs_pin_jax_to_cpu(tmp_path, ray_c
     assert all(c["device"] == "cpu" and c["JAX_PLATFORMS"] == "cpu" and c["CUDA_VISIBLE_DEVICES"] == "" for c in cpu)
 
 
+def test_a_job_waiting_for_a_gpu_is_not_timed_out_for_its_wait(tmp_path, ray_cluster):
+    # each job takes both GPUs for 10 s: the second one can only start when the first ends; a timeout
+    # of 16 s per job must not count its wait (it did: the second job was stopped as `timeout`)
+    plan = plan_jobs("ou/paired", "harness.testing:TwoGpuEnvProbe", "smoke", [0, 1],
+                     overrides={"*": {"sleep": 10}})
+    latest = run_plan(plan, RunStore(tmp_path), executor="ray", workers=2, timeout=16, progress=False)
+    assert sorted(r["status"] for r in latest.values()) == ["ok", "ok"]
+    assert {r["learned"]["CUDA_VISIBLE_DEVICES"] for r in latest.values()} == {"0,1"}
+
+
 def test_gpu_jobs_fall_back_to_cpu_with_a_warning_on_a_gpu_less_cluster(tmp_path, ray_cluster, monkeypatch):
     real = ray_cluster.cluster_resources
     monkeypatch.setattr(ray_cluster, "cluster_resources", lambda: {k: v for k, v in real().items() if k != "GPU"})

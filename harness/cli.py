@@ -265,6 +265,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"\n{len(rows)} jobs, {len(rows) - n_todo} done, {n_todo} to run; run directory {run_dir}")
         return 0
     executor = args.executor or ("ray" if (args.workers > 1 or args.address) else "serial")
+    if executor == "ray":
+        import importlib.util
+
+        from harness.runner import NEEDS_RAY
+
+        if importlib.util.find_spec("ray") is None:
+            raise PopbenchError(NEEDS_RAY)
     store.record_invocation({"argv": sys.argv[1:], "tasks": args.tasks, "methods": args.methods,
                              "profile": args.profile, "seeds": seeds, "executor": executor,
                              "workers": args.workers, "timeout": args.timeout})

@@ -519,6 +519,10 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+NEEDS_RAY = ("parallel jobs (--workers > 1, --executor ray, --address) need Ray: pip install -e '.[ray]', "
+             "or use --workers 1")
+
+
 class RayExecutor:
     """Jobs as Ray tasks (``--executor ray``); ``address`` joins an existing cluster."""
 
@@ -532,7 +536,10 @@ class RayExecutor:
         self.warnings: list[str] = []
 
     def _init(self):
-        import ray
+        try:
+            import ray
+        except ImportError as exc:
+            raise PopbenchError(NEEDS_RAY) from exc
 
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}

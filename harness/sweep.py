@@ -49,6 +49,8 @@ def parse_seeds(spec: str) -> list[int]:
                 seeds.append(int(part))
         except ValueError as exc:
             raise PopbenchError(f"--seeds expects integers like 0,1,2 or 0-4, got {spec!r}") from exc
+    if any(s < 0 for s in seeds):
+        raise PopbenchError(f"--seeds must be 0 or more (NumPy seeds), got {spec!r}")
     if not seeds:
         raise PopbenchError("--seeds selects no seed")
     return list(dict.fromkeys(seeds))

@@ -99,6 +99,7 @@ def test_a_killed_driver_loses_no_finished_row_and_duplicates_none(tmp_path):
         (("--methods", "static", "--set", "static.x=1"), "declares no settings"),
         (("--workers", "0"), "--workers must be at least 1"),
         (("--timeout", "-1"), "--timeout must be above 0"),
+        (("--seeds=-1",), "--seeds must be 0 or more"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(tmp_path, args, sentence):
@@ -305,3 +306,12 @@ def test_each_method_refuses_settings_it_cannot_run_with_before_any_job(method, 
     assert plan_jobs("ou/paired", method, "smoke", [0]).jobs  # its defaults pass
     with pytest.raises(PopbenchError, match=re.escape(sentence)):
         plan_jobs("ou/paired", method, "smoke", [0], {method: {key: value}})
+
+
+def test_parallel_jobs_without_ray_installed_exit_2_with_one_sentence(tmp_path):
+    fake = tmp_path / "site" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('ray is not installed (test stand-in)')\n")
+    r = run_cli("--tasks", "ou/paired", "--methods", "static", "--workers", "2", "--out", str(tmp_path / "r"),
+                "--no-progress", env={"PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 2 and "need Ray: pip install" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -105,6 +105,44 @@ def _as_partial_rows(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
     return out, notes
 
 
+def _by_settings(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """A method stored with several settings (or profiles) on one task variant gets one row label
+    per setting, '<method> [<hash>]' (with the profile where those differ too), so that tables never
+    average different configurations together; and per family a note saying so. (Settings may
+    differ between variants: that is one configuration per variant, nothing to split.)"""
+    combos: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+    for r in rows:
+        if r.get("row_type") == "job":
+            combos.setdefault((r["task"], r["variant"], r["method"]), set()).add(
+                (r["profile"], r.get("hparams_hash") or ""))
+    split = {k: c for k, c in combos.items() if len(c) > 1}
+    if not split:
+        return rows, {}
+    out = []
+    for r in rows:
+        c = split.get((r["task"], r["variant"], r["method"]))
+        if c:
+            tag = r.get("hparams_hash") or "?"
+            if len({p for p, _ in c}) > 1:
+                tag = f"{r['profile']} {tag}"
+            r = {**r, "method": f"{r['method']} [{tag}]"}
+        out.append(r)
+    notes: dict[str, str] = {}
+    for (family, variant, method), c in split.items():
+        notes[family] = (notes.get(family, "") + f"{method} [...]: the run holds {method} on {variant} with {len(c)} "
+                         "different settings (hparams hash; each job's settings are in rows.jsonl), never averaged "
+                         "together. ")
+    return out, {f: n.strip() for f, n in notes.items()}
+
+
+def _merge_notes(*notes: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for n in notes:
+        for f, text in n.items():
+            out[f] = " ".join(t for t in (out.get(f, ""), text) if t)
+    return out
+
+
 def _fetch_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_all.py fetch-data", description="Download and verify data files.")
     p.add_argument("names", nargs="*", help="file names from the data registry (default: all)")
@@ -211,9 +249,7 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
     from harness.sweep import hardware_summary
 
     families = list(dict.fromkeys(r["task"] for r in job_rows))
-    notes = _task_attr(families, "table_note", "")
-    for f, extra in (extra_notes or {}).items():
-        notes[f] = " ".join(n for n in (notes.get(f, ""), extra) if n)
+    notes = _merge_notes(_task_attr(families, "table_note", ""), extra_notes or {})
     tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
                           profile=profile, hardware=hardware_summary(), paper_tables=_paper_tables(families),
                           notes=notes)
@@ -322,9 +358,10 @@ def cmd_report(argv: Sequence[str]) -> int:
         rows = [r for r in rows if r["method"] in names]
     if args.profile:
         rows = [r for r in rows if r["profile"] == args.profile]
-    extra_notes: dict[str, str] = {}
+    rows, extra_notes = _by_settings(rows)
     if args.include_partial:
-        rows, extra_notes = _as_partial_rows(rows)
+        rows, partial_notes = _as_partial_rows(rows)
+        extra_notes = _merge_notes(extra_notes, partial_notes)
     job_rows, target_rows = _split(rows)
     if not job_rows:
         raise PopbenchError(f"no result rows in {args.run_dir} match the selection")
@@ -390,9 +427,10 @@ def cmd_publish(argv: Sequence[str]) -> int:
     keep = set(parse_seeds(args.seeds)) if args.seeds else None
     if keep is not None:
         rows = [r for r in rows if r["seed"] in keep]
-    extra_notes: dict[str, str] = {}
+    rows, extra_notes = _by_settings(rows)
     if args.include_partial:
-        rows, extra_notes = _as_partial_rows(rows)
+        rows, partial_notes = _as_partial_rows(rows)
+        extra_notes = _merge_notes(extra_notes, partial_notes)
     job_rows, target_rows = _split(rows)
     if not job_rows:
         raise PopbenchError(f"no {args.profile} rows in {run_dir}")

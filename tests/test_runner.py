@@ -315,3 +315,18 @@ def test_parallel_jobs_without_ray_installed_exit_2_with_one_sentence(tmp_path):
     r = run_cli("--tasks", "ou/paired", "--methods", "static", "--workers", "2", "--out", str(tmp_path / "r"),
                 "--no-progress", env={"PYTHONPATH": str(tmp_path / "site")})
     assert r.returncode == 2 and "need Ray: pip install" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_report_never_averages_a_method_run_with_two_settings(tmp_path):
+    out = tmp_path / "run"
+    base = ("--tasks", "ou/paired", "--methods", "harness.testing:Busy", "--seeds", "0,1", "--out", str(out),
+            "--no-progress")
+    assert run_cli(*base, "--set", "seconds=0.01").returncode == 0
+    assert run_cli(*base, "--set", "seconds=0.02").returncode == 0  # same method, other settings, same run
+    r = run_cli("report", str(out))
+    assert r.returncode == 0, r.stderr
+    labels = [line.split("|")[1].strip() for line in r.stdout.splitlines()
+              if line.startswith("|") and "harness.testing:Busy [" in line]
+    hashes = {j["hparams_hash"] for j in _jobs(out).values()}
+    assert sorted(labels) == sorted(f"harness.testing:Busy [{h}]" for h in hashes) and len(hashes) == 2
+    assert "on paired with 2 different settings" in r.stdout and "never averaged together" in r.stdout

@@ -297,6 +297,8 @@ def _names_for(name: str) -> list[str]:
             raise PopbenchError(
                 f"{name!r} is neither a data file ({', '.join(REGISTRY)}) nor a task family"
             ) from None
+        if variant and variant not in cls.variants:
+            raise PopbenchError(f"{family} has no variant {variant!r}; it has {', '.join(cls.variants)}")
         return list(cls.variant_data_files(variant) if variant else cls.data_files)
 
 

@@ -189,10 +189,13 @@ class Boids(Task):
     paper_table = {"": (4, "default")}
 
     def _params(self, what: str) -> dict:
+        import scipy  # its KD-tree orders neighbour pairs, which orders the chaotic sums: part of the key
+
         return {
             "family": self.family, "what": what, "seed": self.seed, "n": N, "n_times": N_TIMES, "dt": DT,
             "radii": [R_OUTER, R_INNER], "weights": [W_COHESION, W_SEPARATION, W_ALIGNMENT, W_BOUNDARY],
             "boundary": BOUNDARY, "gmm": [GMM_MEAN_RANGE, *GMM_STD_RANGE], "version": GENERATOR_VERSION,
+            "scipy": scipy.__version__,
         }
 
     def _generate_default(self) -> dict[str, np.ndarray]:

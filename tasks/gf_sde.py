@@ -194,7 +194,8 @@ class GFSDE(Task):
     def _params(self) -> dict:
         return {
             "family": self.family, "variant": self.variant, "seed": self.seed, "n": N, "n_times": N_TIMES,
-            "dt_em": DT_EM, "sigma2": SIGMA2, "p0_var": P0_VAR, "version": GENERATOR_VERSION,
+            "dt_em": DT_EM, "steps_per_interval": STEPS_PER_INTERVAL, "sigma2": SIGMA2, "p0_var": P0_VAR,
+            "version": GENERATOR_VERSION,
         }
 
     def _generate(self) -> dict[str, np.ndarray]:

@@ -268,3 +268,5 @@ def test_fetch_accepts_task_names(monkeypatch):
     seen.clear()
     data.fetch(["gf_sde"])  # a synthetic family needs no file
     assert seen == []
+    with pytest.raises(PopbenchError, match="vortex has no variant 'forcast'"):  # a typo fetches nothing silently
+        data.fetch(["vortex/forcast"])

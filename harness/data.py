@@ -210,8 +210,20 @@ def check_file(path: str | os.PathLike, f: DataFile) -> str | None:
 # Resolution and download
 
 
+def _first_writable(dirs: Sequence[Path]) -> Path:
+    """The first of ``dirs`` where files can be created (judged by the nearest existing parent
+    where it does not exist yet); the first one if none is."""
+    for d in dirs:
+        p = d
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        if os.access(p, os.W_OK):
+            return d
+    return dirs[0]
+
+
 def _missing_message(f: DataFile, dirs: Sequence[Path], why: str) -> str:
-    where = dirs[0] / Path(f.name).parent
+    where = _first_writable(dirs) / Path(f.name).parent
     return (
         f"data file {f.name!r} is missing ({why}): get it from {f.url} ({f.checksum_text}) and put it "
         f"in {where}/, or point --data-dir or POPBENCH_DATA_DIR at a directory that holds {f.name} "
@@ -275,7 +287,7 @@ def resolve(name: str, data_dir: str | os.PathLike | None = None, download: bool
     if not download:
         why = "downloads are off: POPBENCH_OFFLINE or CI is set" if by_env else "downloads are off"
         raise PopbenchError(_missing_message(f, dirs, why))
-    dest = dirs[0] / f.name
+    dest = _first_writable(dirs) / f.name  # e.g. past a read-only shared data directory
     try:
         _download(f, dest)
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,18 @@ def test_download_verifies_and_writes_atomically(toy, tmp_path):
     path = data.resolve(entry.name, data_dir=dest_root)  # downloads are on by default
     assert path == dest_root / entry.name and path.read_bytes() == payload
     assert sorted(p.name for p in path.parent.iterdir()) == ["blob.bin"]  # no temp file left
+
+
+def test_download_goes_past_a_read_only_data_dir_to_the_first_writable_one(toy, tmp_path, monkeypatch):
+    entry, payload = toy
+    shared, cache = tmp_path / "shared", tmp_path / "cache"
+    shared.mkdir()
+    monkeypatch.setenv("POPBENCH_DATA_DIR", str(shared))
+    monkeypatch.setenv("POPBENCH_CACHE_DIR", str(cache))
+    real = os.access
+    monkeypatch.setattr(data.os, "access", lambda p, mode: False if Path(p) == shared else real(p, mode))
+    path = data.resolve(entry.name, download=True)
+    assert path == cache / entry.name and path.read_bytes() == payload
 
 
 def test_failed_verification_leaves_nothing(toy, tmp_path, monkeypatch):

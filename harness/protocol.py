@@ -31,6 +31,11 @@ QueryKind = Literal["rollout", "next_step", "interpolate"]
 PROFILES: tuple[str, ...] = ("smoke", "quick", "paper")
 
 
+class DivergedError(RuntimeError):
+    """Training or prediction went non-finite. A method raises it from ``fit`` (e.g. a NaN loss);
+    the harness raises it for non-finite predictions. The job's row gets the status ``diverged``."""
+
+
 class PopbenchError(Exception):
     """An error whose message is one clear sentence for the user (the CLI exits 2 on it)."""
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from harness.protocol import (
+    DivergedError,
     Marginal,
     PopbenchError,
     Prediction,
@@ -88,10 +89,6 @@ class Job:
 
     def describe(self) -> str:
         return f"{self.method} on {self.task} ({self.profile}, seed {self.seed})"
-
-
-class DivergedError(RuntimeError):
-    """The method returned non-finite samples or weights."""
 
 
 def _set_threads(num_threads: int) -> None:

@@ -360,6 +360,8 @@ class _ScalarFlowMethod(Method):
                     best = (val, it, copy.deepcopy(model.state_dict()))
         if every and best[2] is not None:
             model.load_state_dict(best[2])
+        elif every:  # no finite validation W1 (the flow diverged): the final weights are what predicts
+            best = (float("nan"), iters, None)
         model.eval()
         self._model = model
         self._learned: dict[str, Any] = {

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from harness.protocol import (
-    Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, require_choice,
-    resolve_hparams,
+    Capabilities, DivergedError, Marginal, Method, Prediction, TrainData, curve, require, require_at_least,
+    require_choice, resolve_hparams,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -701,7 +701,7 @@ class WLM(Method):
 
     @property
     def used_velocities(self) -> bool:
-        return self.hparams.get("v0", "zero") == "data"
+        return getattr(self, "_v0_used", self.hparams.get("v0", "zero")) == "data"
 
     # -- state kept as NumPy so the fitted method pickles without torch objects -----------------
     def __getstate__(self) -> dict:
@@ -829,7 +829,7 @@ class WLM(Method):
                 for e, p in zip(ema, potential.parameters()):
                     e.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
             if not math.isfinite(lv):
-                raise FloatingPointError(f"WLM training loss is {lv} at iteration {it}")
+                raise DivergedError(f"WLM training loss is {lv} at iteration {it}")
             losses.append(lv)
             gammas.append(float(torch.exp(theta).detach()) if learn else float(hp["friction"]))
             if self.on_iteration is not None:  # experiments only (e.g. snapshots of the EMA)
@@ -877,7 +877,7 @@ class WLM(Method):
         model = self._prediction_model()
         dev = self._torch_device()
         x = _tensor(start.x, dev)
-        if self.hparams["v0"] == "data" and start.v is not None:
+        if self._v0_used == "data" and start.v is not None:  # as trained (zeros where training had none)
             v = _tensor(start.v, dev)
         else:
             v = torch.zeros_like(x)

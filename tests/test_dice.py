@@ -92,3 +92,16 @@ def test_checkpoint_selection_uses_training_marginals_only(monkeypatch):
 
     again = one_step_w1(m._model, data, m.hparams, "cpu", int(m.hparams["val_max_points"]), m.seed)
     assert again == pytest.approx(learned["selected_val_w1"], rel=1e-6)
+
+
+def test_without_a_finite_validation_w1_the_final_weights_are_reported_as_selected(monkeypatch):
+    """A flow that diverged before every check selects nothing: the row must not claim iteration 0."""
+    import methods.action_matching as am
+    from tasks.ou import OU
+
+    monkeypatch.setattr(am, "one_step_w1", lambda *a, **k: float("inf"))
+    hp = dict(DICE.default_hparams("ou/unpaired", "smoke"), iterations=40, eval_every=20)
+    m = DICE(hp, seed=1)
+    m.fit(OU("unpaired", seed=0).train_data())
+    learned = m.learned()
+    assert learned["selected_iteration"] == 40 and np.isnan(learned["selected_val_w1"])

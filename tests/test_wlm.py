@@ -308,3 +308,27 @@ def test_capped_fits_resume_bit_for_bit(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match="another fit"):
         other.fit(data)
     assert other.learned()["resumed_at"] == ""
+
+
+def test_a_non_finite_training_loss_makes_the_job_diverged_not_failed(monkeypatch):
+    from harness.runner import Job, run_job
+
+    monkeypatch.setattr(wlm, "train_iteration", lambda *a, **k: float("nan"))
+    job = Job("ou", "paired", "wlm", "smoke", 0, WLM.default_hparams("ou/paired", "smoke"))
+    row = run_job(job)["job"]
+    assert row["status"] == "diverged" and "loss is nan at iteration 1" in row["error"]
+
+
+def test_v0_data_without_training_velocities_predicts_from_zero_velocities_as_trained():
+    from tasks.ou import OU
+
+    task = OU("paired", seed=0)
+    data = task.train_data()
+    no_v = TrainData(tuple(m.without_velocities() for m in data.marginals), data.family, data.variant, data.paired)
+    m = WLM(dict(WLM.default_hparams("ou/paired", "smoke"), v0="data", iterations=2), seed=0)
+    m.fit(no_v)
+    start, times = task.queries()[0].request()
+    assert start.v is not None and not m.used_velocities
+    with_v = m.predict(start, times, seed=0).samples
+    without = m.predict(start.without_velocities(), times, seed=0).samples
+    assert all(np.array_equal(a, b) for a, b in zip(with_v, without))

@@ -258,6 +258,19 @@ def require_at_least(hp: Mapping[str, Any], *keys: str, minimum: float = 1) -> N
         require(hp, key, lambda v: v >= minimum, f"at least {minimum:g}")
 
 
+def require_positive(hp: Mapping[str, Any], *keys: str) -> None:
+    """For :meth:`Method.check_hparams`: each of ``keys`` is above 0 (rates, tolerances, scales)."""
+    for key in keys:
+        require(hp, key, lambda v: v > 0, "above 0")
+
+
+def require_widths(hp: Mapping[str, Any], *keys: str) -> None:
+    """For :meth:`Method.check_hparams`: each of ``keys`` is a non-empty list of layer widths."""
+    for key in keys:
+        require(hp, key, lambda v: len(v) > 0 and all(isinstance(w, int) and w >= 1 for w in v),
+                "a non-empty list of layer widths")
+
+
 class Method(abc.ABC):
     """Base class of every method.
 

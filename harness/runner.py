@@ -589,6 +589,7 @@ class RayExecutor:
         free_gpus = cluster_gpus
 
         def finish(ref) -> None:
+            nonlocal free_gpus
             job, _, device, gpus = inflight.pop(ref)
             try:
                 result = ray.get(ref)
@@ -596,7 +597,6 @@ class RayExecutor:
                 kind = type(exc).__name__
                 result = failure_result(job, "failed", f"{kind}: the job's worker died or raised ({exc})"[:2000],
                                         traceback.format_exc(), device)
-            nonlocal free_gpus
             free_gpus += gpus
             on_result(job, result)
 

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from harness.protocol import (
-    Capabilities, Marginal, Method, Prediction, TrainData, require, require_at_least, require_choice, resolve_hparams,
+    Capabilities, Marginal, Method, Prediction, TrainData, require_at_least, require_choice, require_positive,
+    resolve_hparams,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class _ScalarFlowMethod(Method):
         require_at_least(hp, "hidden", "depth", "batch_size", "iterations", "steps_per_unit", "min_steps",
                          "log_points", "val_steps_per_unit", "val_max_points")
         require_at_least(hp, "eval_every", "grad_clip", *({"lam", "sigma"} & hp.keys()), minimum=0)  # UAM, sAM
-        require(hp, "lr", lambda v: v > 0, "above 0")
+        require_positive(hp, "lr")
 
     # -- training -----------------------------------------------------------------------------------
 

@@ -66,7 +66,8 @@ from typing import Any
 import numpy as np
 
 from harness.protocol import (
-    Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, resolve_hparams,
+    Capabilities, Marginal, Method, Prediction, TrainData, curve, require_at_least, require_positive, require_widths,
+    resolve_hparams,
 )
 from methods.jkonet_star import (
     apply_mlp,
@@ -264,10 +265,8 @@ class IJKOnet(Method):
     @classmethod
     def check_hparams(cls, hp: dict[str, Any]) -> None:
         require_at_least(hp, "epochs", "batch_size", "inner_steps", "kl_neighbors", "curve_points", "predict_substeps")
-        for key in ("lr_energy", "lr_map", "clip_norm", "theta3_init"):
-            require(hp, key, lambda v: v > 0, "above 0")
-        for key in ("hidden", "map_hidden"):
-            require(hp, key, lambda v: len(v) > 0 and all(isinstance(w, int) and w >= 1 for w in v), "a non-empty list of layer widths")
+        require_positive(hp, "lr_energy", "lr_map", "clip_norm", "theta3_init")
+        require_widths(hp, "hidden", "map_hidden")
 
     def _time_feature(self, t):
         return (np.asarray(t, dtype=float) - self._t_min) / max(self._t_max - self._t_min, 1e-12)

@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 
 from harness.protocol import (
-    Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, resolve_hparams,
+    Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, require_positive,
+    require_widths, resolve_hparams,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -418,10 +419,9 @@ class JKOnetStar(Method):
     def check_hparams(cls, hp: dict[str, Any]) -> None:
         require_at_least(hp, "epochs", "batch_size", "gmm_components", "gmm_iters", "loss_curve_points",
                          "predict_substeps", *({"fixed_point_iters"} & hp.keys()))
-        for key in ("lr", "clip_norm", "theta3_init", "density_floor"):
-            require(hp, key, lambda v: v > 0, "above 0")
+        require_positive(hp, "lr", "clip_norm", "theta3_init", "density_floor")
         require(hp, "plan_threshold", lambda v: 0 <= v < 1, "in [0, 1)")
-        require(hp, "hidden", lambda v: len(v) > 0 and all(isinstance(w, int) and w >= 1 for w in v), "a non-empty list of layer widths")
+        require_widths(hp, "hidden")
 
     @property
     def _time_dep(self) -> bool:

@@ -69,7 +69,8 @@ from typing import Any
 import numpy as np
 
 from harness.protocol import (
-    Capabilities, Marginal, Method, Prediction, TrainData, require, require_at_least, require_choice, resolve_hparams,
+    Capabilities, Marginal, Method, Prediction, TrainData, require, require_at_least, require_choice, require_positive,
+    resolve_hparams,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -582,8 +583,7 @@ class NNAPPEX(Method):
         require_choice(hp, "estep_dtype", ("float64", "float32"))
         require_at_least(hp, "n_outer", "ipf_max_sweeps", "n_paths", "estep_max_elements", "width", "depth",
                          "epochs", "batch_size")
-        for key in ("sigma2_init", "epsilon", "ipf_tol", "lr", "sigma2_min"):
-            require(hp, key, lambda v: v > 0, "above 0")
+        require_positive(hp, "sigma2_init", "epsilon", "ipf_tol", "lr", "sigma2_min")
         require(hp, "ipf_damping", lambda v: 0 < v <= 1, "in (0, 1]")
 
     def fit(self, data: TrainData) -> None:

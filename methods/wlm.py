@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -615,6 +616,18 @@ def _fit_fingerprint(method: Method, data: TrainData) -> str:
     return h.hexdigest()
 
 
+def _code_id() -> str:
+    """The training code a checkpoint segment ran: a hash of this module's source and torch's
+    version. A fit resumed under other code says so (``trained_by``) instead of passing a mix of
+    two versions off as one run."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    return f"wlm.py {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}, torch {torch.__version__}"
+
+
 def _save_checkpoint(path, state: dict) -> None:
     """Write atomically (a kill mid-write leaves the previous checkpoint intact)."""
     import os
@@ -632,7 +645,6 @@ def _save_checkpoint(path, state: dict) -> None:
 def _load_checkpoint(path, fingerprint: str) -> dict | None:
     """The saved state, or None when there is none; one saved by another fit (other settings,
     seed or data) is ignored with a warning and will be overwritten."""
-    import warnings
     from pathlib import Path
 
     import torch
@@ -782,6 +794,8 @@ class WLM(Method):
         ckpt = self.checkpoint_path
         fingerprint = _fit_fingerprint(self, data)
         state = _load_checkpoint(ckpt, fingerprint) if ckpt is not None else None
+        code = _code_id()
+        trained_by = [(0, code)]  # (first iteration, code) per stretch of training
         if state is not None:
             potential.load_state_dict(state["potential"])
             opt.load_state_dict(state["optimizer"])
@@ -797,6 +811,11 @@ class WLM(Method):
             losses, gammas = list(state["losses"]), list(state["gammas"])
             prior_s = float(state["fit_seconds"])
             resumed_at = [*state["resumed_at"], int(state["iteration"])]
+            trained_by = [tuple(seg) for seg in state.get("trained_by", [(0, "unrecorded")])]
+            if trained_by[-1][1] != code:
+                warnings.warn(f"WLM checkpoint {ckpt} was trained by other code ({trained_by[-1][1]}; now "
+                              f"{code}): the result will say so in trained_by", stacklevel=2)
+                trained_by.append((int(state["iteration"]), code))
         it = int(state["iteration"]) if state is not None else 0
 
         def save_checkpoint() -> None:
@@ -807,7 +826,7 @@ class WLM(Method):
                 "theta": theta.detach().cpu() if learn else None,
                 "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "losses": losses, "gammas": gammas, "resumed_at": resumed_at,
+                "losses": losses, "gammas": gammas, "resumed_at": resumed_at, "trained_by": trained_by,
                 "fit_seconds": prior_s + time.perf_counter() - t_start,
             })
 
@@ -848,6 +867,7 @@ class WLM(Method):
         self._iterations = it
         self._complete = it >= int(hp["iterations"])
         self._resumed_at = resumed_at
+        self._trained_by = trained_by
         self._gamma = float(torch.exp(theta).detach()) if learn else float(hp["friction"])
         self._losses = losses
         self._gammas = gammas
@@ -909,6 +929,9 @@ class WLM(Method):
             "ema_init_weight": float(self.hparams["ema_decay"]) ** int(self._iterations),
             "training_complete": bool(self._complete),
             "resumed_at": ",".join(str(i) for i in self._resumed_at),
+            # one code id, or "from iteration I: code" per stretch when a resume changed the code
+            "trained_by": (self._trained_by[0][1] if len(self._trained_by) == 1 else
+                           "; ".join(f"from iteration {i}: {c}" for i, c in self._trained_by)),
             "fit_seconds": float(self._fit_seconds),
             "v0": self._v0_used,
             "grid_dt": float(self._grid_dt),

@@ -291,6 +291,7 @@ def test_capped_fits_resume_bit_for_bit(tmp_path, monkeypatch, capsys):
         assert learned["training_complete"] is False
         done.append(learned["iterations"])
     assert done == [1, 2, 3] and learned["resumed_at"] == "1,2"
+    assert learned["trained_by"] == wlm._code_id()  # one code throughout: said once
     last = WLM(hp, seed=3)  # the uncapped rest, with a checkpoint and a progress line per iteration
     last.checkpoint_path = ckpt
     monkeypatch.setattr(wlm, "CHECKPOINT_MINUTES", 0.0)
@@ -301,6 +302,21 @@ def test_capped_fits_resume_bit_for_bit(tmp_path, monkeypatch, capsys):
     assert b["loss_curve"] == a["loss_curve"] and b["gamma"] == a["gamma"]
     for name, value in whole._ema_state.items():
         np.testing.assert_array_equal(last._ema_state[name], value)
+
+    # resumed under other code: still resumed (a cosmetic edit must not cost days of training),
+    # but the result names both codes and where the change happened
+    ckpt2 = tmp_path / "job2.ckpt"
+    first = WLM(capped, seed=3)
+    first.checkpoint_path = ckpt2
+    first.fit(data)
+    code = wlm._code_id()
+    monkeypatch.setattr(wlm, "_code_id", lambda: "wlm.py edited")
+    resumed = WLM(capped, seed=3)
+    resumed.checkpoint_path = ckpt2
+    with pytest.warns(UserWarning, match="trained by other code"):
+        resumed.fit(data)
+    assert resumed.learned()["resumed_at"] == "1"
+    assert resumed.learned()["trained_by"] == f"from iteration 0: {code}; from iteration 1: wlm.py edited"
 
     # a checkpoint of another fit (other seed) is ignored, with a warning
     other = WLM(hp, seed=4)

@@ -13,7 +13,8 @@ Each check raises :class:`ConformanceError` naming the first broken rule. What t
 - ``check_method``: the class pickles before ``fit`` (it travels to Ray workers); ``fit`` sees a
   :class:`TrainData` only (never targets: the checker hands it a copy whose targets are poisoned);
   ``predict`` returns one finite ``(n, d)`` array per asked time, weights of the right shape if
-  any; the same seed gives the same output; ``learned()`` is JSON-serialisable.
+  any; the same seed gives the same output, and a method that declares ``stochastic=False`` gives
+  it for another seed too; ``learned()`` is JSON-serialisable.
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ def _fit_predict(method_cls: type[Method], hparams: dict, data: TrainData, queri
         pred = m.predict(start, times, seed=seed * 1000 + i)
         check_prediction(pred, start, times, f"{method_cls.__name__}.predict (query {q.name!r})")
         outs.append(pred)
+        if not method_cls.capabilities.stochastic and i == 0:  # declared seed-free: another seed, same answer
+            other = m.predict(start, times, seed=seed * 1000 + 7919)
+            if any(not np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(pred.samples, other.samples)):
+                _fail(f"{method_cls.__name__} declares stochastic=False but its predictions depend on the seed "
+                      "passed to predict")
     learned = m.learned()
     try:
         json.dumps(learned)

@@ -202,7 +202,8 @@ class Capabilities:
     - ``framework``: ``"numpy"``, ``"torch"`` or ``"jax"``; decides the extra to install.
     - ``num_gpus``: GPUs to request from Ray when the cluster has them (0 = CPU only).
     - ``requires_simulator``: the method is the ``oracle`` and needs the task's true simulator.
-    - ``stochastic``: predictions depend on the ``seed`` passed to ``predict``.
+    - ``stochastic``: predictions may depend on the ``seed`` passed to ``predict`` (False is a
+      promise that conformance checks: another seed, the same predictions).
     """
 
     interpolate: bool = True

@@ -255,7 +255,8 @@ def train_fns(
 class IJKOnet(Method):
     name = "ijkonet"
     capabilities = Capabilities(
-        interpolate=True, forecast=True, uses_velocities=False, framework="jax", num_gpus=1, stochastic=False
+        # stochastic: with ``entropy`` the prediction adds Euler-Maruyama noise (the default has none)
+        interpolate=True, forecast=True, uses_velocities=False, framework="jax", num_gpus=1, stochastic=True
     )
 
     @classmethod

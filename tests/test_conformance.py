@@ -5,7 +5,7 @@ import pytest
 
 from harness import registry
 from harness.conformance import ConformanceError, check_method, check_task
-from harness.protocol import PopbenchError, Prediction
+from harness.protocol import Capabilities, PopbenchError, Prediction
 from methods.reference import Static
 
 
@@ -44,9 +44,17 @@ class WrongShape(Static):
 
 class NotDeterministic(Static):
     name = "not_deterministic"
+    capabilities = Capabilities(stochastic=True)
 
     def predict(self, start, times, *, seed):
         return Prediction(tuple(start.x + np.random.default_rng().normal(size=start.x.shape) for _ in times))
+
+
+class SeedDependent(Static):  # uses predict's seed but declares stochastic=False (Static's)
+    name = "seed_dependent"
+
+    def predict(self, start, times, *, seed):
+        return Prediction(tuple(start.x + np.random.default_rng(seed).normal(size=start.x.shape) for _ in times))
 
 
 class Unpicklable(Static):
@@ -58,7 +66,7 @@ class Unpicklable(Static):
 
 
 @pytest.mark.parametrize("cls, msg", [(WrongShape, "one row per start row"), (NotDeterministic, "same seed"),
-                                      (Unpicklable, "does not pickle")])
+                                      (SeedDependent, "declares stochastic=False"), (Unpicklable, "does not pickle")])
 def test_the_checker_catches_broken_methods(cls, msg):
     with pytest.raises(ConformanceError, match=msg):
         check_method(cls)

@@ -98,7 +98,6 @@ class TrainData:
     family: str
     variant: str
     paired: bool = False
-    time_unit: str = "index"
 
     def __post_init__(self) -> None:
         ms = tuple(self.marginals)

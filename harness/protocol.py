@@ -51,7 +51,8 @@ def _as_array(a: Any, name: str, ndim: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Marginal:
-    """A population snapshot at time ``t``.
+    """A population snapshot at time ``t`` (in the task's own time units: simulation time for the
+    SDE tasks and Boids, the snapshot index for the vortex and EB).
 
     ``x`` has shape ``(n, d)``; ``v`` (velocities), when the task exposes them for this time, has
     the same shape. ``index`` is the marginal's position on the task's full time grid (held-out

@@ -413,7 +413,7 @@ def cmd_plot(argv: Sequence[str]) -> int:
 
 def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
-    from harness.figures import curve_figure, rollout_figure
+    from harness.figures import curve_figure, curves_csv, rollout_figure
     from harness.store import partial_label
     from harness.suites import REFERENCE, get_suite, run_name
     from harness.sweep import default_run_dir, parse_seeds
@@ -453,20 +453,31 @@ def cmd_publish(argv: Sequence[str]) -> int:
             print(f"wrote {path}")
         except PopbenchError as exc:
             print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)
-    # learned curves worth a figure: method -> (curve key, axis label, the hparam that makes it learned)
-    curves = {"wlm": ("gamma_curve", "learned friction γ", "learn_friction")}
+    # learned curves worth a figure: method -> [(curve key, axis label, the hparam that makes it
+    # learned, or None)]; their numbers go to <family>_<method>_curves.csv beside the tables
+    curves = {"wlm": [("loss_curve", "training loss (block means)", None),
+                      ("gamma_curve", "learned friction γ", "learn_friction")]}
     for family in dict.fromkeys(r["task"] for r in job_rows):
-        for m, (key, label, flag) in curves.items():
-            if m not in learners or not any(r["method"] in (m, partial_label(m)) and r["task"] == family
-                                            and r.get("hparams", {}).get(flag) for r in job_rows):
-                continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
-            path = figs / f"{family}_{m}_{key}.png"
-            try:
-                curve_figure(run_dir, m, key, path, family=family, ylabel=label, seeds=keep,
-                             include_partial=args.include_partial)
+        for m, specs in curves.items():
+            mine = [r for r in job_rows if r["method"] in (m, partial_label(m)) and r["task"] == family]
+            if m not in learners or not mine:
+                continue
+            drawn = []
+            for key, label, flag in specs:
+                if flag and not any(r.get("hparams", {}).get(flag) for r in mine):
+                    continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
+                path = figs / f"{family}_{m}_{key}.png"
+                try:
+                    curve_figure(run_dir, m, key, path, family=family, ylabel=label, seeds=keep,
+                                 include_partial=args.include_partial)
+                    drawn.append(key)
+                    print(f"wrote {path}")
+                except PopbenchError as exc:
+                    print(f"note: no {key} figure for {family}: {exc}", file=sys.stderr)
+            if drawn:
+                path = curves_csv(run_dir, m, drawn, out / f"{family}_{m}_curves.csv", family=family, seeds=keep,
+                                  include_partial=args.include_partial)
                 print(f"wrote {path}")
-            except PopbenchError as exc:
-                print(f"note: no {key} figure for {family}: {exc}", file=sys.stderr)
     return 0
 
 

@@ -76,24 +76,61 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
                                title=f"{family}/{variant} (seed {seed}, {Path(run_dir).name})", max_panels=max_panels)
 
 
-def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, family: str | None = None,
-                 ylabel: str | None = None, seeds: set[int] | None = None, include_partial: bool = False) -> Path:
-    """One line per (variant, seed) of a stored learned curve, e.g. ``gamma_curve`` of ``wlm``;
-    with ``include_partial`` also of jobs that stopped early (labelled "(partial)")."""
+def stored_curves(run_dir: str | Path, method: str, key: str, family: str | None = None,
+                  seeds: set[int] | None = None, include_partial: bool = False) -> list[dict]:
+    """Every stored ``key`` curve of ``method`` (e.g. WLM's ``gamma_curve``), one dict per job
+    (latest attempt): ``task``, ``variant``, ``seed``, ``status``, ``values`` and ``steps``, the
+    training iteration each value ends at (block means of a long fit; None where the job does not
+    record its iteration count). With ``include_partial`` also jobs that stopped early (status
+    ``partial``)."""
+    from harness.protocol import curve_steps
+
     store = RunStore(run_dir)
-    curves = {}
     statuses = ("ok", "partial") if include_partial else ("ok",)
+    out = []
     for r in store.latest_jobs().values():
         if r["method"] != method or r.get("status") not in statuses or not r.get("artifact"):
             continue
         if (family and r["task"] != family) or (seeds is not None and r["seed"] not in seeds):
             continue
         data = json.loads((store.root / r["artifact"]).read_text())
-        if key in data:
-            label = f"{r['task']}/{r['variant']} s{r['seed']}"
-            label = partial_label(label) if r["status"] == "partial" else label
-            curves[label] = data[key]
-    if not curves:
+        values = data.get(key)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            continue  # absent, or not a plain per-iteration curve (DICE's (iteration, W1) pairs)
+        total = (r.get("learned") or {}).get("iterations")
+        out.append({"task": r["task"], "variant": r["variant"], "seed": r["seed"], "status": r["status"],
+                    "values": values, "steps": curve_steps(int(total), len(values)) if total else None})
+    return sorted(out, key=lambda c: (c["task"], c["variant"], c["seed"]))
+
+
+def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, family: str | None = None,
+                 ylabel: str | None = None, seeds: set[int] | None = None, include_partial: bool = False) -> Path:
+    """A stored learned curve (see :func:`stored_curves`): one panel per task variant, one line
+    per seed, over training iterations where the jobs record them."""
+    found = stored_curves(run_dir, method, key, family, seeds, include_partial)
+    if not found:
         raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")
-    return plots.plot_curves(dict(sorted(curves.items())), path, ylabel=ylabel or key, xlabel="logged step",
-                             title=f"{method}: {key}")
+    panels: dict[str, dict] = {}
+    for c in found:
+        seed = f"seed {c['seed']}" + (" (partial)" if c["status"] == "partial" else "")
+        panels.setdefault(f"{c['task']}/{c['variant']}", {})[seed] = (c["steps"], c["values"])
+    steps = all(c["steps"] is not None for c in found)
+    return plots.plot_curves(panels, path, ylabel=ylabel or key, title=f"{method}: {key}",
+                             xlabel="training iteration" if steps else "logged step")
+
+
+def curves_csv(run_dir: str | Path, method: str, keys: Sequence[str], path: str | Path, family: str | None = None,
+               seeds: set[int] | None = None, include_partial: bool = False) -> Path:
+    """The numbers behind :func:`curve_figure` as a long CSV (task, variant, method, seed, status,
+    curve, iteration, value): one row per stored value, so a published figure can be checked."""
+    import pandas as pd
+
+    rows = [{"task": c["task"], "variant": c["variant"], "method": method, "seed": c["seed"], "status": c["status"],
+             "curve": key, "iteration": step, "value": v}
+            for key in keys for c in stored_curves(run_dir, method, key, family, seeds, include_partial)
+            for step, v in zip(c["steps"] or [None] * len(c["values"]), c["values"])]
+    if not rows:
+        raise PopbenchError(f"no stored {', '.join(keys)} curve of {method} in {run_dir}")
+    path = Path(path)
+    pd.DataFrame(rows).to_csv(path, index=False, float_format="%.6g")
+    return path

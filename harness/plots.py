@@ -6,7 +6,7 @@
   dimensions (EB) the first two coordinates.
 - :func:`plot_rollouts`: the paper's Figure 5 layout: the truth in the first row, one row per
   method below, columns = times, shared axes.
-- :func:`plot_curves`: loss / friction curves, one line per label.
+- :func:`plot_curves`: loss / friction curves, a panel per variant, a line per seed.
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, so importing this
 module (or calling it) never changes pyplot's global backend.
@@ -168,29 +168,46 @@ def plot_rollouts(
 
 
 def plot_curves(
-    curves: Mapping[str, Sequence[float]], path: str | os.PathLike, ylabel: str = "", xlabel: str = "step",
-    title: str = "", logy: bool | None = None,
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float] | None, Sequence[float]]]], path: str | os.PathLike,
+    ylabel: str = "", xlabel: str = "step", title: str = "", logy: bool | None = None,
 ) -> Path:
-    """One line per label (loss, friction, ...). ``logy`` defaults to True for positive curves
-    spanning more than two decades."""
-    fig, axes = _figure(1, 1, panel=3.2, sharex=False, sharey=False)
-    ax = axes[0, 0]
-    for k, (label, ys) in enumerate(curves.items()):
-        ys = np.asarray(ys, dtype=float)
-        ax.plot(np.arange(len(ys)), ys, label=label, color=PRED_COLORS[k % len(PRED_COLORS)], lw=1.2)
-    vals = np.concatenate([np.asarray(v, dtype=float) for v in curves.values()]) if curves else np.array([])
+    """Learned curves (loss, friction, ...) as small multiples: one panel per key of ``panels``
+    (e.g. a task variant), one line per label inside it (e.g. a seed), each line ``(xs, ys)`` with
+    ``xs`` None for 0, 1, .... Lines with the same label share a colour across panels; the legend
+    is on the first panel. ``logy`` defaults to True for positive curves spanning more than two
+    decades."""
+    names = list(panels)
+    ncols = min(5, max(len(names), 1))
+    nrows = -(-len(names) // ncols) if names else 1
+    fig, axes = _figure(nrows, ncols, panel=2.6 if len(names) > 1 else 3.2, sharex=False, sharey=True)
+    labels = list(dict.fromkeys(label for lines in panels.values() for label in lines))
+    color = {label: PRED_COLORS[k % len(PRED_COLORS)] for k, label in enumerate(labels)}
+    vals = [np.asarray(ys, dtype=float) for lines in panels.values() for _, ys in lines.values()]
+    vals = np.concatenate(vals) if vals else np.array([])
     vals = vals[np.isfinite(vals)]
     if logy is None:
         logy = bool(vals.size) and vals.min() > 0 and vals.max() / vals.min() > 100
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.tick_params(labelsize=7)
-    if len(curves) > 1:
-        ax.legend(fontsize=7)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(names):
+            ax.set_visible(False)
+            continue
+        for label, (xs, ys) in panels[names[k]].items():
+            ys = np.asarray(ys, dtype=float)
+            x = np.arange(len(ys)) if xs is None else np.asarray(xs, dtype=float)
+            ax.plot(x, ys, label=label, color=color[label], lw=1.0)
+        if logy:
+            ax.set_yscale("log")
+        if len(names) > 1:
+            ax.set_title(names[k], fontsize=8)
+        if k // ncols == nrows - 1 or k + ncols >= len(names):
+            ax.set_xlabel(xlabel, fontsize=8)
+        if k % ncols == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    if len(labels) > 1:
+        axes[0, 0].legend(fontsize=7)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

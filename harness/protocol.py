@@ -438,6 +438,14 @@ def curve(values: Sequence[float], points: int = 200) -> list[float]:
     return [float(v[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def curve_steps(total: int, length: int) -> list[int]:
+    """Where the numbers of ``curve(values)`` sit, for ``total`` per-iteration values cut to
+    ``length`` numbers: the last iteration (1-based) that each block mean covers."""
+    if length >= total:
+        return list(range(1, total + 1))
+    return [int(e) for e in np.linspace(0, total, length + 1).astype(int)[1:]]
+
+
 def is_finite_prediction(pred: Prediction) -> bool:
     return all(np.all(np.isfinite(s)) for s in pred.samples) and (
         pred.weights is None or all(np.all(np.isfinite(w)) for w in pred.weights)

@@ -233,7 +233,8 @@ def test_plots_write_pngs(tmp_path):
     truth = [tg.x for tg in q.targets[:4]]
     p = plot_rollouts(times, truth, {"static": [q.start.x] * 4, "shift": [x + 1 for x in truth]}, tmp_path / "r.png")
     assert p.read_bytes()[:8] == PNG
-    p = plot_curves({"loss": [3.0, 2.0, 1.5], "friction": [1.0, 1.1, 1.2]}, tmp_path / "c.png", ylabel="value")
+    p = plot_curves({"a": {"seed 0": (None, [3.0, 2.0, 1.5]), "seed 1": ([2, 4, 6], [1.0, 1.1, 1.2])},
+                     "b": {"seed 0": ([1, 2], [0.5, 0.4])}}, tmp_path / "c.png", ylabel="value")
     assert p.read_bytes()[:8] == PNG
 
 

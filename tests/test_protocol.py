@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from harness.protocol import curve
+from harness.protocol import curve, curve_steps
 from harness.runner import Job
 
 
@@ -23,3 +23,12 @@ def test_budget_keys_do_not_change_a_jobs_identity():
     assert capped.job_id == uncapped.job_id != other.job_id
     # without the declaration the cap would be a setting like any other
     assert Job("ou", "paired", "wlm", "paper", 0, dict(hp, max_minutes=30)).job_id != uncapped.job_id
+
+
+def test_curve_steps_name_the_last_iteration_each_block_mean_covers():
+    assert curve_steps(3, 3) == [1, 2, 3]  # unchanged curves: one value per iteration
+    its = np.arange(1, 1001, dtype=float)  # a curve whose value is its own iteration number
+    means, ends = curve(its, points=200), curve_steps(1000, 200)
+    assert len(ends) == 200 and ends[0] == 5 and ends[-1] == 1000
+    starts = [1] + [e + 1 for e in ends[:-1]]
+    assert means == [(a + b) / 2 for a, b in zip(starts, ends)]  # block k averages iterations starts[k]..ends[k]

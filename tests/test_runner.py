@@ -238,6 +238,12 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert "| wlm (partial) " in md and "wlm on paired seed 0 at 1 of 8 iterations" in md
     assert (pub / "figures" / "ou_paired_rollouts.png").exists()
     assert (pub / "figures" / "ou_wlm_gamma_curve.png").exists()  # the learned friction so far
+    assert (pub / "figures" / "ou_wlm_loss_curve.png").exists()
+    with open(pub / "ou_wlm_curves.csv", newline="") as fh:  # the numbers behind both figures
+        stored = list(csv.DictReader(fh))
+    assert {(c["curve"], c["iteration"], c["status"]) for c in stored} == {
+        ("loss_curve", "1", "partial"), ("gamma_curve", "1", "partial")}
+    assert all(float(c["value"]) >= 0 for c in stored)  # a Sinkhorn divergence and a friction
     with open(pub / "jobs.csv", newline="") as fh:
         assert [j["status"] for j in csv.DictReader(fh) if j["method"] == "wlm (partial)"] == ["partial"]
     from harness.figures import rollout_panels

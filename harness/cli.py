@@ -246,12 +246,11 @@ def _method_order(methods_selected: Sequence[str]) -> list[str]:
 def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, stream=sys.stdout,
            extra_notes: dict[str, str] | None = None) -> None:
     from harness.reports import write_report
-    from harness.sweep import hardware_summary
 
     families = list(dict.fromkeys(r["task"] for r in job_rows))
     notes = _merge_notes(_task_attr(families, "table_note", ""), extra_notes or {})
     tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
-                          profile=profile, hardware=hardware_summary(), paper_tables=_paper_tables(families),
+                          profile=profile, paper_tables=_paper_tables(families),
                           notes=notes)
     for t in tables:
         print("\n" + t.markdown(), file=stream)
@@ -456,7 +455,8 @@ def cmd_publish(argv: Sequence[str]) -> int:
     # learned curves worth a figure: method -> [(curve key, axis label, the hparam that makes it
     # learned, or None)]; their numbers go to <family>_<method>_curves.csv beside the tables
     curves = {"wlm": [("loss_curve", "training loss (block means)", None),
-                      ("gamma_curve", "learned friction γ", "learn_friction")]}
+                      ("gamma_curve", "learned friction γ", "learn_friction")],
+              "dice": [("val_curve", "one-step W1, training marginals", None)]}  # what selects its checkpoint
     for family in dict.fromkeys(r["task"] for r in job_rows):
         for m, specs in curves.items():
             mine = [r for r in job_rows if r["method"] in (m, partial_label(m)) and r["task"] == family]

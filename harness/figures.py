@@ -78,7 +78,8 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
 
 def stored_curves(run_dir: str | Path, method: str, key: str, family: str | None = None,
                   seeds: set[int] | None = None, include_partial: bool = False) -> list[dict]:
-    """Every stored ``key`` curve of ``method`` (e.g. WLM's ``gamma_curve``), one dict per job
+    """Every stored ``key`` curve of ``method`` (e.g. WLM's ``gamma_curve``, DICE's ``val_curve``
+    of (iteration, value) pairs), one dict per job
     (latest attempt): ``task``, ``variant``, ``seed``, ``status``, ``values`` and ``steps``, the
     training iteration each value ends at (block means of a long fit; None where the job does not
     record its iteration count). With ``include_partial`` also jobs that stopped early (status
@@ -95,11 +96,17 @@ def stored_curves(run_dir: str | Path, method: str, key: str, family: str | None
             continue
         data = json.loads((store.root / r["artifact"]).read_text())
         values = data.get(key)
-        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-            continue  # absent, or not a plain per-iteration curve (DICE's (iteration, W1) pairs)
-        total = (r.get("learned") or {}).get("iterations")
+        if not isinstance(values, list) or not values:
+            continue
+        if all(isinstance(v, (list, tuple)) and len(v) == 2 for v in values):  # (iteration, value) pairs (DICE)
+            steps, values = [int(a) for a, _ in values], [float(b) for _, b in values]
+        elif all(isinstance(v, (int, float)) for v in values):  # one value per iteration, or block means
+            total = (r.get("learned") or {}).get("iterations")
+            steps = curve_steps(int(total), len(values)) if total else None
+        else:
+            continue
         out.append({"task": r["task"], "variant": r["variant"], "seed": r["seed"], "status": r["status"],
-                    "values": values, "steps": curve_steps(int(total), len(values)) if total else None})
+                    "values": values, "steps": steps})
     return sorted(out, key=lambda c: (c["task"], c["variant"], c["seed"]))
 
 

@@ -97,6 +97,7 @@ def cells_frame(job_rows: Iterable[dict]) -> pd.DataFrame:
             "seed": r["seed"],
             "status": r.get("status"),
             "used_velocities": bool(r.get("used_velocities", False)),
+            "hardware": r.get("hardware") or "hardware not recorded",
         }
         if r.get("status") != "ok":
             recs.append({**common, "group": None, "key": None, "paper_variant": None, "value": np.nan})
@@ -104,9 +105,20 @@ def cells_frame(job_rows: Iterable[dict]) -> pd.DataFrame:
         for c in r.get("cells") or []:
             recs.append({**common, "group": c["group"], "key": c["key"], "paper_variant": c.get("paper_variant"),
                          "value": c["value"]})
-    cols = ["task", "variant", "method", "profile", "seed", "status", "used_velocities", "group", "key",
+    cols = ["task", "variant", "method", "profile", "seed", "status", "used_velocities", "hardware", "group", "key",
             "paper_variant", "value"]
     return pd.DataFrame.from_records(recs, columns=cols)
+
+
+def hardware_caption(cells: pd.DataFrame) -> str:
+    """The hardware that ran the jobs behind ``cells``: one name, or per name the methods that ran
+    on it (``"2-core CPU (am, dice); NVIDIA H100 80GB HBM3 (wlm)"``) when a table mixes machines."""
+    if cells.empty or "hardware" not in cells:
+        return ""
+    by_hw = {hw: list(dict.fromkeys(g["method"])) for hw, g in cells.groupby("hardware", sort=True)}
+    if len(by_hw) == 1:
+        return next(iter(by_hw))
+    return "; ".join(f"{hw} ({', '.join(ms)})" for hw, ms in by_hw.items())
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float, int]:
@@ -231,12 +243,15 @@ def build_table(
     paper_table: dict | None = None,
     method_order: Sequence[str] | None = None,
     profile: str = "",
-    hardware: str = "",
+    hardware: str | None = None,
     digits: int = 3,
     note: str = "",
 ) -> Table:
-    """The family's table (or its per-variant table) from a cells frame of that family."""
+    """The family's table (or its per-variant table) from a cells frame of that family. The
+    caption names the hardware its jobs ran on (``hardware`` overrides)."""
     fam = cells[cells.task == family]
+    if hardware is None:
+        hardware = hardware_caption(fam)
     agg = aggregate(fam, by_variant=by_variant)
     paper = load_paper_results() if compare == "paper" else None
     paper_table = paper_table or {}
@@ -444,8 +459,8 @@ def jobs_frame(job_rows: Iterable[dict]) -> pd.DataFrame:
     recs = []
     for r in job_rows:
         rec = {k: r.get(k) for k in ("task", "variant", "method", "profile", "seed", "status", "error", "fit_s",
-                                     "predict_s", "wall_s", "peak_mem_mb", "device", "hparams_hash",
-                                     "git_revision")}
+                                     "predict_s", "wall_s", "peak_mem_mb", "device", "hardware",
+                                     "hparams_hash", "git_revision")}
         if (r.get("learned") or {}).get("training_complete") is False:
             rec["status"] = "partial"  # also where a table relabels it "<method> (partial)" to show it
         for k, v in (r.get("learned") or {}).items():
@@ -462,7 +477,7 @@ def write_report(
     compare: str | None = None,
     method_order: Sequence[str] | None = None,
     profile: str = "",
-    hardware: str = "",
+    hardware: str | None = None,
     paper_tables: dict[str, dict] | None = None,
     per_variant_families: Sequence[str] = ("gf_sde",),
     notes: dict[str, str] | None = None,

@@ -352,7 +352,28 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
             job_row["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception:
             pass
+    job_row["hardware"] = hardware(device)
     return {"job": job_row, "targets": target_rows, "curves": curves, "predictions": predictions}
+
+
+def hardware(device: str) -> str:
+    """What ran the job, for the tables' captions: ``"2-core CPU"``, or the GPU's name (asked of
+    the framework the job loaded, after the job, so that nothing is imported for it)."""
+    if not device.startswith("cuda"):
+        return f"{os.cpu_count() or 0}-core CPU"
+    index = int(device.partition(":")[2] or 0)
+    try:
+        if "torch" in sys.modules:
+            import torch
+
+            return torch.cuda.get_device_name(index)
+        if "jax" in sys.modules:
+            import jax
+
+            return jax.devices("gpu")[index].device_kind
+    except Exception:  # noqa: BLE001 - a caption must not fail a job
+        pass
+    return "GPU"
 
 
 def _row_base(job: Job, device: str) -> dict:
@@ -376,7 +397,7 @@ def _row_base(job: Job, device: str) -> dict:
 def failure_result(job: Job, status: str, error: str, tb: str | None = None, device: str = "cpu") -> dict:
     """A result for a job that never returned (timeout, dead worker)."""
     row = {**_row_base(job, device), "row_type": "job", "status": status, "error": error, "traceback": tb,
-           "finished_at": time.time()}
+           "finished_at": time.time(), "hardware": hardware(device) if device == "cpu" else "GPU"}
     return {"job": row, "targets": [], "curves": {}}
 
 

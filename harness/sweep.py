@@ -251,11 +251,6 @@ def run_plan(
     return {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
 
 
-def hardware_summary() -> str:
-    n = os.cpu_count() or 0
-    return f"{n}-core CPU"
-
-
 def default_run_dir(name: str | None, profile: str) -> Path:
     root = Path(os.environ.get("POPBENCH_RESULTS_DIR", "results/runs"))
     return root / (name or profile)

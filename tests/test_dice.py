@@ -105,3 +105,25 @@ def test_without_a_finite_validation_w1_the_final_weights_are_reported_as_select
     m.fit(OU("unpaired", seed=0).train_data())
     learned = m.learned()
     assert learned["selected_iteration"] == 40 and np.isnan(learned["selected_val_w1"])
+
+
+def test_the_published_validation_curve_is_the_one_that_selected_the_checkpoint(tmp_path):
+    """``publish`` writes DICE's (iteration, W1) validation pairs to ``<family>_dice_curves.csv``;
+    its minimum is the job's selected iteration and value, so a reader can check the choice."""
+    import csv
+
+    from harness.figures import curve_figure, curves_csv
+    from harness.store import RunStore
+    from harness.sweep import plan_jobs, run_plan
+
+    plan = plan_jobs("ou/unpaired", "dice", "smoke", [0], overrides={"dice": {"iterations": 60, "eval_every": 20}})
+    run_plan(plan, RunStore(tmp_path), executor="serial", progress=False)
+    (job,) = [r for r in RunStore(tmp_path).latest_jobs().values()]
+    path = curves_csv(tmp_path, "dice", ["val_curve"], tmp_path / "ou_dice_curves.csv")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["iteration"]) for r in rows] == [20, 40, 60]
+    best = min(rows, key=lambda r: float(r["value"]))
+    assert int(best["iteration"]) == job["learned"]["selected_iteration"]
+    assert float(best["value"]) == pytest.approx(job["learned"]["selected_val_w1"], rel=1e-5)
+    assert curve_figure(tmp_path, "dice", "val_curve", tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"

@@ -167,3 +167,25 @@ def test_rows_long_gives_a_partial_jobs_targets_the_jobs_status(tmp_path):
     import pandas as pd
 
     assert pd.read_csv(tmp_path / "rows_long.csv").status.tolist() == ["partial"]
+
+
+def test_the_caption_names_the_hardware_that_ran_the_jobs_not_the_one_that_renders():
+    def on(hw, *args):
+        return {**_job(*args), "hardware": hw}
+
+    cpu = [on("2-core CPU", "a", "v1", s, {("", "k"): 0.1}) for s in (0, 1)]
+    gpu = [on("NVIDIA H100 80GB HBM3", "wlm", "v1", s, {("", "k"): 0.2}) for s in (0, 1)]
+    assert "; 2-core CPU. Bold" in build_table(cells_frame(cpu), "fam").caption
+    mixed = build_table(cells_frame(cpu + gpu), "fam").caption
+    assert "; 2-core CPU (a); NVIDIA H100 80GB HBM3 (wlm). Bold" in mixed
+    unknown = build_table(cells_frame([_job("a", "v1", 0, {("", "k"): 0.1})]), "fam").caption
+    assert "; hardware not recorded. Bold" in unknown  # rows from before jobs recorded it
+
+
+def test_a_job_row_records_its_hardware():
+    import os
+
+    from harness.runner import Job, run_job
+
+    row = run_job(Job("ou", "paired", "static", "smoke", 0))["job"]
+    assert row["hardware"] == f"{os.cpu_count()}-core CPU"

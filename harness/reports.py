@@ -279,7 +279,7 @@ def build_table(
     rows: list[tuple[str, list[str]]] = []
     latex_rows: list[list[str]] = []
     footnotes: list[str] = []
-    flagged = fewer = False
+    flagged = fewer = not_run = False
     disagreements = compared = 0
     for variant in variants:
         vfam = fam if not by_variant else fam[fam.variant == variant]
@@ -312,9 +312,15 @@ def build_table(
                     tex_cells.append("")
                     continue
                 s = stat(m, variant, *ck)
-                if s is None:  # "—": cannot answer; else what happened to the jobs this column needed
-                    fed = failed[failed.variant.isin(feeds.get((family, *ck), set()))]
-                    text = "/".join(dict.fromkeys(fed.status.astype(str))) if not fed.empty else "—"
+                if s is None:  # what happened to the jobs this column needed; "—": they ran and cannot answer
+                    needed = feeds.get((family, *ck), set())
+                    fed = failed[failed.variant.isin(needed)]
+                    if not fed.empty:
+                        text = "/".join(dict.fromkeys(fed.status.astype(str)))
+                    elif mrows[mrows.variant.isin(needed)].empty:
+                        text, not_run = "not run", True  # e.g. a suite run with --tasks: not a capability
+                    else:
+                        text = "—"
                     md_cells.append(text)
                     tex_cells.append("---" if text == "—" else text)
                     continue
@@ -366,6 +372,8 @@ def build_table(
     )
     if flagged:
         footnotes.append("† does not beat `static` on this column.")
+    if not_run:
+        footnotes.append("not run = no job of this method on the variant behind the column (not a missing capability).")
     if fewer:
         footnotes.append("(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an "
                          "ok job on some variant the cell averages.")

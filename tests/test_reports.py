@@ -149,13 +149,13 @@ def test_a_seed_missing_a_variant_is_left_out_of_the_family_cell_not_averaged_ov
 def test_a_column_whose_jobs_failed_says_so_instead_of_cannot_answer():
     rows = [_job("w", "interpolation", 0, {("", "w1_holdout_1"): 0.1}),
             _job("w", "forecast", 0, {}, status="timeout"),
-            _job("am", "interpolation", 0, {("", "w1_holdout_1"): 0.2}),  # interpolation-only: no forecast job
+            _job("am", "interpolation", 0, {("", "w1_holdout_1"): 0.2}),  # no forecast job
             _job("static", "interpolation", 0, {("", "w1_holdout_1"): 0.5}),
             _job("static", "forecast", 0, {("", "train_w1"): 0.9})]
     t = build_table(cells_frame(rows), "fam")
     cells = dict(t.rows)
     col = t.columns.index("Train W1")
-    assert cells["w"][col] == "timeout" and cells["am"][col] == "—"
+    assert cells["w"][col] == "timeout" and cells["am"][col] == "not run"
 
 
 def test_rows_long_gives_a_partial_jobs_targets_the_jobs_status(tmp_path):
@@ -189,3 +189,14 @@ def test_a_job_row_records_its_hardware():
 
     row = run_job(Job("ou", "paired", "static", "smoke", 0))["job"]
     assert row["hardware"] == f"{os.cpu_count()}-core CPU"
+
+
+def test_a_column_the_method_has_no_job_for_says_not_run_not_cannot_answer():
+    rows = [_job("a", "v1", 0, {("g1", "k1"): 0.1}), _job("b", "v1", 0, {("g1", "k1"): 0.2}),
+            _job("b", "v2", 0, {("g2", "k2"): 0.3, ("g2", "k3"): 0.4}),
+            _job("c", "v2", 0, {("g2", "k2"): 0.5})]  # c ran on v2 but cannot answer k3
+    t = build_table(cells_frame(rows), "fam")
+    cells = dict(t.rows)
+    k3 = t.columns.index("g2 k3")
+    assert cells["a"][k3] == "not run" and cells["c"][k3] == "—"
+    assert "not run = no job of this method on the variant behind the column" in t.markdown()

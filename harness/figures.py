@@ -117,11 +117,11 @@ def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, f
     found = stored_curves(run_dir, method, key, family, seeds, include_partial)
     if not found:
         raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")
+    steps = all(c["steps"] is not None for c in found)  # else every line over its logged index
     panels: dict[str, dict] = {}
     for c in found:
         seed = f"seed {c['seed']}" + (" (partial)" if c["status"] == "partial" else "")
-        panels.setdefault(f"{c['task']}/{c['variant']}", {})[seed] = (c["steps"], c["values"])
-    steps = all(c["steps"] is not None for c in found)
+        panels.setdefault(f"{c['task']}/{c['variant']}", {})[seed] = (c["steps"] if steps else None, c["values"])
     return plots.plot_curves(panels, path, ylabel=ylabel or key, title=f"{method}: {key}",
                              xlabel="training iteration" if steps else "logged step")
 

@@ -18,6 +18,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -292,7 +293,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if r.get("status") == "partial":  # rerunning continues it from its checkpoint
                 lr = r.get("learned") or {}
                 return f"partial ({lr.get('iterations')}/{lr.get('iterations_target')} its)"
-            return "todo"
+            text = f"todo (last attempt {r['status']})" if r.get("status") else "todo"
+            ckpt = store.checkpoint_path(job.job_id)
+            if ckpt.exists():  # an attempt stopped without a row (killed), or one is running now
+                age = max(time.time() - ckpt.stat().st_mtime, 0.0)
+                text += f", checkpoint saved {age / 60:.0f} min ago" if age < 5400 else \
+                    f", checkpoint saved {age / 3600:.1f} h ago"
+            return text
 
         rows = [[j.task, j.method, j.profile, j.seed, j.hparams_hash, state(j)] for j in plan.jobs]
         print(tabulate(rows, headers=["task", "method", "profile", "seed", "hparams", "state"], tablefmt="github"))

@@ -145,6 +145,26 @@ def test_a_method_asked_only_to_forecast_that_cannot_is_refused(monkeypatch):
     assert plan_jobs("ou_forecast_only/paired", "static", "smoke", [0]).jobs
 
 
+def test_dry_run_says_what_a_todo_job_left_behind(tmp_path):
+    """A failed attempt and a checkpoint without a row (a killed fit) show in the state column."""
+    from harness.store import RunStore
+    from harness.sweep import plan_jobs
+
+    out = tmp_path / "r"
+    args = ("--tasks", "ou/paired", "--methods", "static", "--out", str(out), "--dry-run")
+    line = next(x for x in run_cli(*args).stdout.splitlines() if x.startswith("| ou/paired"))
+    assert line.rstrip(" |").endswith("todo")
+    store = RunStore(out)
+    (job,) = plan_jobs("ou/paired", "static", "quick", [0]).jobs
+    store.append_rows([{"row_type": "job", "job_id": job.job_id, "attempt_id": "a", "task": "ou", "variant": "paired",
+                        "method": "static", "profile": "quick", "seed": 0, "status": "timeout", "finished_at": 1.0}])
+    ckpt = store.checkpoint_path(job.job_id)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"state")
+    line = next(x for x in run_cli(*args).stdout.splitlines() if x.startswith("| ou/paired"))
+    assert "todo (last attempt timeout), checkpoint saved 0 min ago" in line
+
+
 def test_dry_run_prints_the_matrix_and_runs_nothing(tmp_path):
     out = tmp_path / "r"
     r = run_cli("--tasks", "ou", "--methods", "static", "--seeds", "0,1", "--out", str(out), "--dry-run")

@@ -419,7 +419,7 @@ def cmd_plot(argv: Sequence[str]) -> int:
 
 def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
-    from harness.figures import curve_figure, curves_csv, rollout_figure
+    from harness.figures import curves_csv, draw_curves, rollout_figure, stored_curves
     from harness.store import partial_label
     from harness.suites import REFERENCE, get_suite, run_name
     from harness.sweep import default_run_dir, parse_seeds
@@ -469,21 +469,21 @@ def cmd_publish(argv: Sequence[str]) -> int:
             mine = [r for r in job_rows if r["method"] in (m, partial_label(m)) and r["task"] == family]
             if m not in learners or not mine:
                 continue
-            drawn = []
-            for key, label, flag in specs:
-                if flag and not any(r.get("hparams", {}).get(flag) for r in mine):
-                    continue  # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
-                path = figs / f"{family}_{m}_{key}.png"
-                try:
-                    curve_figure(run_dir, m, key, path, family=family, ylabel=label, seeds=keep,
-                                 include_partial=args.include_partial)
-                    drawn.append(key)
-                    print(f"wrote {path}")
-                except PopbenchError as exc:
-                    print(f"note: no {key} figure for {family}: {exc}", file=sys.stderr)
-            if drawn:
-                path = curves_csv(run_dir, m, drawn, out / f"{family}_{m}_curves.csv", family=family, seeds=keep,
+            # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
+            specs = [(key, label) for key, label, flag in specs
+                     if not flag or any(r.get("hparams", {}).get(flag) for r in mine)]
+            found = stored_curves(run_dir, m, [key for key, _ in specs], family=family, seeds=keep,
                                   include_partial=args.include_partial)
+            for key, label in specs:
+                of_key = [c for c in found if c["curve"] == key]
+                if not of_key:
+                    print(f"note: no {key} figure for {family}: no stored {key!r} curve of {m} in {run_dir}",
+                          file=sys.stderr)
+                    continue
+                path = draw_curves(of_key, figs / f"{family}_{m}_{key}.png", ylabel=label)
+                print(f"wrote {path}")
+            if found:
+                path = curves_csv(found, out / f"{family}_{m}_curves.csv")
                 print(f"wrote {path}")
     return 0
 

@@ -76,14 +76,14 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
                                title=f"{family}/{variant} (seed {seed}, {Path(run_dir).name})", max_panels=max_panels)
 
 
-def stored_curves(run_dir: str | Path, method: str, key: str, family: str | None = None,
+def stored_curves(run_dir: str | Path, method: str, keys: Sequence[str], family: str | None = None,
                   seeds: set[int] | None = None, include_partial: bool = False) -> list[dict]:
-    """Every stored ``key`` curve of ``method`` (e.g. WLM's ``gamma_curve``, DICE's ``val_curve``
-    of (iteration, value) pairs), one dict per job
-    (latest attempt): ``task``, ``variant``, ``seed``, ``status``, ``values`` and ``steps``, the
-    training iteration each value ends at (block means of a long fit; None where the job does not
-    record its iteration count). With ``include_partial`` also jobs that stopped early (status
-    ``partial``)."""
+    """Every stored curve named in ``keys`` of ``method`` (e.g. WLM's ``gamma_curve``, DICE's
+    ``val_curve`` of (iteration, value) pairs), one dict per (curve, job) from the job's latest
+    attempt: ``method``, ``curve``, ``task``, ``variant``, ``seed``, ``status``, ``values`` and
+    ``steps``, the training iteration each value ends at (block means of a long fit; None where the
+    job does not record its iteration count). Each job's artifact is read once for all ``keys``.
+    With ``include_partial`` also jobs that stopped early (status ``partial``)."""
     from harness.protocol import curve_steps
 
     store = RunStore(run_dir)
@@ -95,49 +95,53 @@ def stored_curves(run_dir: str | Path, method: str, key: str, family: str | None
         if (family and r["task"] != family) or (seeds is not None and r["seed"] not in seeds):
             continue
         data = json.loads((store.root / r["artifact"]).read_text())
-        values = data.get(key)
-        if not isinstance(values, list) or not values:
-            continue
-        if all(isinstance(v, (list, tuple)) and len(v) == 2 for v in values):  # (iteration, value) pairs (DICE)
-            steps, values = [int(a) for a, _ in values], [float(b) for _, b in values]
-        elif all(isinstance(v, (int, float)) for v in values):  # one value per iteration, or block means
-            total = (r.get("learned") or {}).get("iterations")
-            steps = curve_steps(int(total), len(values)) if total else None
-        else:
-            continue
-        out.append({"task": r["task"], "variant": r["variant"], "seed": r["seed"], "status": r["status"],
-                    "values": values, "steps": steps})
-    return sorted(out, key=lambda c: (c["task"], c["variant"], c["seed"]))
+        for key in keys:
+            values = data.get(key)
+            if not isinstance(values, list) or not values:
+                continue
+            if all(isinstance(v, (list, tuple)) and len(v) == 2 for v in values):  # (iteration, value) pairs (DICE)
+                steps, values = [int(a) for a, _ in values], [float(b) for _, b in values]
+            elif all(isinstance(v, (int, float)) for v in values):  # one value per iteration, or block means
+                total = (r.get("learned") or {}).get("iterations")
+                steps = curve_steps(int(total), len(values)) if total else None
+            else:
+                continue
+            out.append({"method": method, "curve": key, "task": r["task"], "variant": r["variant"], "seed": r["seed"],
+                        "status": r["status"], "values": values, "steps": steps})
+    order = {key: i for i, key in enumerate(keys)}
+    return sorted(out, key=lambda c: (order[c["curve"]], c["task"], c["variant"], c["seed"]))
 
 
-def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, family: str | None = None,
-                 ylabel: str | None = None, seeds: set[int] | None = None, include_partial: bool = False) -> Path:
-    """A stored learned curve (see :func:`stored_curves`): one panel per task variant, one line
-    per seed, over training iterations where the jobs record them."""
-    found = stored_curves(run_dir, method, key, family, seeds, include_partial)
-    if not found:
-        raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")
+def draw_curves(found: Sequence[dict], path: str | Path, ylabel: str | None = None) -> Path:
+    """Curves of one method and key from :func:`stored_curves`: one panel per task variant, one
+    line per seed, over training iterations where the jobs record them."""
     steps = all(c["steps"] is not None for c in found)  # else every line over its logged index
     panels: dict[str, dict] = {}
     for c in found:
         seed = f"seed {c['seed']}" + (" (partial)" if c["status"] == "partial" else "")
         panels.setdefault(f"{c['task']}/{c['variant']}", {})[seed] = (c["steps"] if steps else None, c["values"])
-    return plots.plot_curves(panels, path, ylabel=ylabel or key, title=f"{method}: {key}",
+    return plots.plot_curves(panels, path, ylabel=ylabel or found[0]["curve"],
+                             title=f"{found[0]['method']}: {found[0]['curve']}",
                              xlabel="training iteration" if steps else "logged step")
 
 
-def curves_csv(run_dir: str | Path, method: str, keys: Sequence[str], path: str | Path, family: str | None = None,
-               seeds: set[int] | None = None, include_partial: bool = False) -> Path:
-    """The numbers behind :func:`curve_figure` as a long CSV (task, variant, method, seed, status,
+def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, family: str | None = None,
+                 ylabel: str | None = None, seeds: set[int] | None = None, include_partial: bool = False) -> Path:
+    """A stored learned curve of a run, drawn by :func:`draw_curves`."""
+    found = stored_curves(run_dir, method, [key], family, seeds, include_partial)
+    if not found:
+        raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")
+    return draw_curves(found, path, ylabel)
+
+
+def curves_csv(found: Sequence[dict], path: str | Path) -> Path:
+    """The numbers behind :func:`draw_curves` as a long CSV (task, variant, method, seed, status,
     curve, iteration, value): one row per stored value, so a published figure can be checked."""
     import pandas as pd
 
-    rows = [{"task": c["task"], "variant": c["variant"], "method": method, "seed": c["seed"], "status": c["status"],
-             "curve": key, "iteration": step, "value": v}
-            for key in keys for c in stored_curves(run_dir, method, key, family, seeds, include_partial)
-            for step, v in zip(c["steps"] or [None] * len(c["values"]), c["values"])]
-    if not rows:
-        raise PopbenchError(f"no stored {', '.join(keys)} curve of {method} in {run_dir}")
+    rows = [{"task": c["task"], "variant": c["variant"], "method": c["method"], "seed": c["seed"],
+             "status": c["status"], "curve": c["curve"], "iteration": step, "value": v}
+            for c in found for step, v in zip(c["steps"] or [None] * len(c["values"]), c["values"])]
     path = Path(path)
     pd.DataFrame(rows).to_csv(path, index=False, float_format="%.6g")
     return path

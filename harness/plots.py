@@ -199,7 +199,7 @@ def plot_curves(
             ax.set_yscale("log")
         if len(names) > 1:
             ax.set_title(names[k], fontsize=8)
-        if k // ncols == nrows - 1 or k + ncols >= len(names):
+        if k + ncols >= len(names):  # no panel below this one
             ax.set_xlabel(xlabel, fontsize=8)
         if k % ncols == 0:
             ax.set_ylabel(ylabel, fontsize=8)

@@ -397,6 +397,7 @@ def _row_base(job: Job, device: str) -> dict:
 def failure_result(job: Job, status: str, error: str, tb: str | None = None, device: str = "cpu") -> dict:
     """A result for a job that never returned (timeout, dead worker)."""
     row = {**_row_base(job, device), "row_type": "job", "status": status, "error": error, "traceback": tb,
+           # the driver writes this row: it can count a CPU's cores but not name a worker's GPU
            "finished_at": time.time(), "hardware": hardware(device) if device == "cpu" else "GPU"}
     return {"job": row, "targets": [], "curves": {}}
 

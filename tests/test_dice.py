@@ -112,14 +112,14 @@ def test_the_published_validation_curve_is_the_one_that_selected_the_checkpoint(
     its minimum is the job's selected iteration and value, so a reader can check the choice."""
     import csv
 
-    from harness.figures import curve_figure, curves_csv
+    from harness.figures import curve_figure, curves_csv, stored_curves
     from harness.store import RunStore
     from harness.sweep import plan_jobs, run_plan
 
     plan = plan_jobs("ou/unpaired", "dice", "smoke", [0], overrides={"dice": {"iterations": 60, "eval_every": 20}})
     run_plan(plan, RunStore(tmp_path), executor="serial", progress=False)
     (job,) = [r for r in RunStore(tmp_path).latest_jobs().values()]
-    path = curves_csv(tmp_path, "dice", ["val_curve"], tmp_path / "ou_dice_curves.csv")
+    path = curves_csv(stored_curves(tmp_path, "dice", ["val_curve"]), tmp_path / "ou_dice_curves.csv")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["iteration"]) for r in rows] == [20, 40, 60]

@@ -260,7 +260,7 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from harness.store import RunStore
-    from harness.sweep import default_run_dir, parse_overrides, parse_seeds, plan_jobs, run_plan
+    from harness.sweep import held_by, default_run_dir, parse_overrides, parse_seeds, plan_jobs, run_plan
 
     if args.suite:
         from harness.suites import apply_suite
@@ -292,10 +292,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 return "done"
             if r.get("status") == "partial":  # rerunning continues it from its checkpoint
                 lr = r.get("learned") or {}
-                return f"partial ({lr.get('iterations')}/{lr.get('iterations_target')} its)"
-            text = f"todo (last attempt {r['status']})" if r.get("status") else "todo"
+                text = f"partial ({lr.get('iterations')}/{lr.get('iterations_target')} its)"
+            else:
+                text = f"todo (last attempt {r['status']})" if r.get("status") else "todo"
+            holder = store.claimed_by(job.job_id)
+            if holder is not None:
+                text += f", running now ({held_by(holder)})"
             ckpt = store.checkpoint_path(job.job_id)
-            if ckpt.exists():  # an attempt stopped without a row (killed), or one is running now
+            if ckpt.exists() and r.get("status") != "partial":  # a killed attempt's, or a running one's
                 age = max(time.time() - ckpt.stat().st_mtime, 0.0)
                 text += f", checkpoint saved {age / 60:.0f} min ago" if age < 5400 else \
                     f", checkpoint saved {age / 3600:.1f} h ago"
@@ -332,8 +336,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if bad:
         print(f"{len(bad)} of {len(job_rows)} jobs did not finish ok (rows in {store.rows_path})", file=sys.stderr)
-        return 1
-    return 0
+    elsewhere = [j for j in plan.jobs if j.job_id not in latest]  # only a job another process holds has no row
+    if elsewhere:
+        print(f"{len(elsewhere)} of {len(plan.jobs)} jobs are running in another process and are not in this "
+              "table yet (see the notes above)", file=sys.stderr)
+    return 1 if bad or elsewhere else 0
 
 
 def _stored_rows(run_dir, missing: str) -> list[dict]:

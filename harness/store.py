@@ -16,6 +16,9 @@ Layout of a run directory:
   last words of a job that died), every attempt appended under a header line.
 - ``checkpoints/<job_id>.ckpt``: the training state of a job that has not finished ``ok`` (a
   method that checkpoints writes it; the sweep deletes it once the job's rows are stored ``ok``).
+- ``locks/<job_id>.lock``: the claim of the process running a job (``RunStore.claim``). A second
+  sweep over the same run directory skips the jobs another live process holds, so two commands
+  never train one job into one checkpoint; the kernel drops a claim when its process dies.
 
 Rerunning skips jobs whose latest attempt is ``ok``; ``--force`` reruns them (the new rows are
 appended; readers keep the latest attempt per job). A ``partial`` job (a fit stopped early by a
@@ -35,7 +38,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -161,6 +164,46 @@ class RunStore:
     def checkpoint_path(self, job_id: str) -> Path:
         """Where a job may keep its training state between attempts (``Method.checkpoint_path``)."""
         return self.root / "checkpoints" / (_file_name(job_id) + ".ckpt")
+
+    def claim(self, job_id: str) -> IO[str] | None:
+        """Claim a job for this process: an open lock file to hold while the job runs (closing it,
+        or the death of this process, releases the claim), or ``None`` when a live process holds it.
+
+        A non-blocking ``flock``: released by the kernel, never left stale by a killed driver. The
+        file keeps the holder's pid, host and start time for ``claimed_by``; it is not deleted
+        (unlinking a lock file races with a process about to lock it).
+        """
+        path = self._lock_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        fh.truncate(0)
+        fh.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": time.time()}))
+        fh.flush()
+        return fh
+
+    def claimed_by(self, job_id: str) -> dict | None:
+        """Who runs a job now: ``{"pid", "host", "since"}`` of the live process that claimed it
+        (``{}`` when it has not written them yet), or ``None`` when no process holds it."""
+        path = self._lock_path(job_id)
+        if not path.exists():
+            return None
+        with open(path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    return json.loads(fh.read() or "{}")
+                except json.JSONDecodeError:
+                    return {}
+        return None
+
+    def _lock_path(self, job_id: str) -> Path:
+        return self.root / "locks" / (_file_name(job_id) + ".lock")
 
     def write_predictions(self, stem: str, arrays: dict) -> str:
         """A job's predicted samples per query (float32, compressed), for figures."""

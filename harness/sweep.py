@@ -202,11 +202,49 @@ def run_plan(
     ray_init: dict | None = None,
     threads: int = 1,
 ) -> dict[str, dict]:
-    """Run the plan's jobs that are not done; return the latest job row per selected job id."""
+    """Run the plan's jobs that are not done; return the latest job row per selected job id.
+
+    A job another live process is running in the same run directory (``RunStore.claim``) is
+    skipped with a note on stderr: it has no row here unless an earlier attempt left one.
+    """
+    claims: dict[str, Any] = {}
+    try:
+        _run_claimed(plan, store, claims, executor=executor, workers=workers, address=address,
+                     timeout=timeout, force=force, progress=progress, ray_init=ray_init, threads=threads)
+    finally:
+        for fh in claims.values():
+            fh.close()
+    latest = store.latest_jobs()
+    return {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
+
+
+def held_by(holder: dict) -> str:
+    """``pid 123 on vm, for 5 min`` from ``RunStore.claimed_by``'s answer."""
+    if not holder:
+        return "another process"
+    mins = max(time.time() - float(holder.get("since", time.time())), 0.0) / 60
+    return f"pid {holder.get('pid')} on {holder.get('host')}, for {mins:.0f} min"
+
+
+def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executor: str, workers: int,
+                 address: str | None, timeout: float | None, force: bool, progress: bool,
+                 ray_init: dict | None, threads: int) -> None:
     done = set() if force else store.done_job_ids()
+    for j in plan.jobs:
+        if j.job_id in done or j.job_id in claims:
+            continue
+        fh = store.claim(j.job_id)
+        if fh is None:
+            print(f"note: skipped {j.describe()}: another process is running it in {store.root} "
+                  f"({held_by(store.claimed_by(j.job_id) or {})}); rerun this command once it finishes",
+                  file=sys.stderr)
+            continue
+        claims[j.job_id] = fh
+    if not force:  # claimed now: a job that another process finished meanwhile is done, not todo
+        done = store.done_job_ids()
     todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)),
                                 log_path=str(store.log_path(j.job_id)))
-            for j in plan.jobs if j.job_id not in done]
+            for j in plan.jobs if j.job_id in claims and j.job_id not in done]
     if force:  # a forced rerun starts from scratch, not from an earlier attempt's training state
         for j in todo:
             Path(j.checkpoint_path).unlink(missing_ok=True)
@@ -238,6 +276,9 @@ def run_plan(
             store.append_rows([result["job"], *result["targets"]])
             if result["job"].get("status") == "ok" and job.checkpoint_path:
                 Path(job.checkpoint_path).unlink(missing_ok=True)  # stored: the state is no longer needed
+            fh = claims.pop(job.job_id, None)
+            if fh is not None:  # stored: another process may take the job now
+                fh.close()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(_summary(result)[:120])
@@ -247,8 +288,6 @@ def run_plan(
         finally:
             if bar is not None:
                 bar.close()
-    latest = store.latest_jobs()
-    return {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
 
 
 def default_run_dir(name: str | None, profile: str) -> Path:

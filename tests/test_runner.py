@@ -81,6 +81,34 @@ def test_a_killed_driver_loses_no_finished_row_and_duplicates_none(tmp_path):
         json.loads(line)
 
 
+def test_a_second_sweep_skips_the_jobs_a_running_one_holds_and_none_runs_twice(tmp_path):
+    """Two commands on one run directory: the second runs none of the first's jobs (they would
+    share a checkpoint), says who holds them, exits 1; every job ends with exactly one row."""
+    out = tmp_path / "run"
+    args = ["--tasks", "ou/paired", "--methods", "harness.testing:Busy", "--set", "seconds=8", "--seeds", "0,1",
+            "--out", str(out), "--no-progress"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = RunStore(out)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / "logs").exists():  # claimed before any job starts
+            time.sleep(0.1)
+        dry = run_cli(*args, "--dry-run")
+        assert dry.stdout.count(f"running now (pid {first.pid} on") == 2, dry.stdout
+        second = run_cli(*args)
+        assert second.returncode == 1
+        assert second.stderr.count(f"another process is running it in {out} (pid {first.pid}") == 2
+        assert "2 of 2 jobs are running in another process" in second.stderr
+        assert first.poll() is None and not store.done_job_ids(), "the first sweep finished a job too soon"
+    finally:
+        first.wait(timeout=120)
+    assert first.returncode == 0
+    ids = [r["job_id"] for r in store.read_rows() if r["row_type"] == "job"]
+    assert len(ids) == len(set(ids)) == 2
+    assert run_cli(*args).returncode == 0  # claims released: a rerun finds both done
+
+
 @pytest.mark.parametrize(
     "args, sentence",
     [

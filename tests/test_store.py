@@ -35,3 +35,35 @@ def test_non_finite_numbers_are_stored_as_null(tmp_path):
     s = RunStore(tmp_path)
     s.append_rows([{**_job("a", "ok", 1.0, "x"), "w1": float("nan")}])
     assert s.read_rows()[0]["w1"] is None
+
+
+def test_a_claim_is_exclusive_names_its_holder_and_dies_with_its_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    s = RunStore(tmp_path)
+    assert s.claimed_by("j") is None
+    fh = s.claim("j")
+    assert fh is not None
+    assert s.claim("j") is None  # another open file description: what a second process would see
+    holder = s.claimed_by("j")
+    assert holder["pid"] == os.getpid() and holder["host"] == os.uname().nodename
+    assert s.claim("k") is not None  # claims are per job
+    fh.close()
+    assert s.claimed_by("j") is None
+    assert s.claim("j") is not None
+    # a killed holder leaves no stale claim
+    code = ("import sys, time; from harness.store import RunStore; "
+            f"fh = RunStore({str(tmp_path)!r}).claim('m'); print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert s.claimed_by("m")["pid"] == proc.pid
+        assert s.claim("m") is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert s.claimed_by("m") is None
+    assert s.claim("m") is not None

@@ -318,6 +318,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("ray") is None:
             raise PopbenchError(NEEDS_RAY)
+    try:
+        store.ensure()
+    except OSError as exc:  # before any job: a run that cannot store its rows must not start
+        raise PopbenchError(f"cannot write the run directory {run_dir} ({exc.strerror or exc}); "
+                            "choose another with --out") from exc
     store.record_invocation({"argv": sys.argv[1:], "tasks": args.tasks, "methods": args.methods,
                              "profile": args.profile, "seeds": seeds, "executor": executor,
                              "workers": args.workers, "timeout": args.timeout})
@@ -510,6 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PopbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the command must read or write (disk full, permissions)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished jobs are stored; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -128,6 +128,7 @@ def test_a_second_sweep_skips_the_jobs_a_running_one_holds_and_none_runs_twice(t
         (("--workers", "0"), "--workers must be at least 1"),
         (("--timeout", "-1"), "--timeout must be above 0"),
         (("--seeds=-1",), "--seeds must be 0 or more"),
+        (("--methods", "static", "--out", "/dev/null/run"), "cannot write the run directory /dev/null/run"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(tmp_path, args, sentence):

@@ -371,6 +371,10 @@ class Task(abc.ABC):
     """Family-level comparison with the paper: column group -> (paper table number, paper variant
     name in ``paper_results.csv``), e.g. ``{"paired": (1, "mean-of-5/paired")}``. Empty when the
     family has no published counterpart (the ``eb300`` stand-in, the toy task)."""
+    paper_averages: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Column group -> the variants whose mean the paper's family-level number is (Table 1's five
+    SDEs, Table 3's three holdouts). A cell that lacks one of them is not compared with it. Empty:
+    the group's number is compared with whatever variants every method's cell averages."""
     table_note: ClassVar[str] = ""
     """A sentence every table of this family carries under it (e.g. that the data are a stand-in)."""
 

@@ -152,20 +152,23 @@ def aggregate(cells: pd.DataFrame, by_variant: bool = False) -> pd.DataFrame:
 
     Family level (default): per (method, group, key, seed) the mean over variants, then over seeds;
     a seed without an ok job on every variant of the column is left out (``n`` counts the rest).
+    ``variants`` lists, space-separated, the variants a cell averages (``n_variants`` per seed).
     ``by_variant``: per (variant, method, group, key), over seeds.
     """
     ok = cells.dropna(subset=["key"])
     if not by_variant and not ok.empty:
         ok = ok[_complete_seeds(cells, ok)]
     if ok.empty:
-        return pd.DataFrame(columns=["task", "variant", "method", "group", "key", "mean", "se", "n", "n_variants"])
+        return pd.DataFrame(columns=["task", "variant", "method", "group", "key", "mean", "se", "n", "n_variants",
+                                     "variants"])
     keys = ["task", "method", "group", "key"] + (["variant"] if by_variant else [])
     per_seed = ok.groupby(keys + ["seed"], sort=False).agg(value=("value", "mean"), n_variants=("variant", "nunique")).reset_index()
+    averaged = {k: " ".join(sorted(set(v))) for k, v in ok.groupby(keys, sort=False)["variant"]}
     out = []
     for k, g in per_seed.groupby(keys, sort=False):
         mean, se, n = _mean_se(g["value"].tolist())
         rec = dict(zip(keys, k))
-        rec.update(mean=mean, se=se, n=n, n_variants=int(g["n_variants"].min()))
+        rec.update(mean=mean, se=se, n=n, n_variants=int(g["n_variants"].min()), variants=averaged[k])
         out.append(rec)
     agg = pd.DataFrame(out)
     if not by_variant:
@@ -246,9 +249,16 @@ def build_table(
     hardware: str | None = None,
     digits: int = 3,
     note: str = "",
+    paper_averages: dict[str, Sequence[str]] | None = None,
 ) -> Table:
     """The family's table (or its per-variant table) from a cells frame of that family. The
-    caption names the hardware its jobs ran on (``hardware`` overrides)."""
+    caption names the hardware its jobs ran on (``hardware`` overrides).
+
+    A family-level cell that averages fewer variants than its column has (those any method's ok
+    jobs feed) says so, ``(1 of 5 variants)``, and is neither ranked nor compared with the paper:
+    a mean over the easy variants alone must not pass for the family's. Nor is a cell compared
+    whose variants miss one that the paper's number averages (``paper_averages``: column group ->
+    variants, ``Task.paper_averages``), e.g. a run of 2 of Table 1's 5 SDEs."""
     fam = cells[cells.task == family]
     if hardware is None:
         hardware = hardware_caption(fam)
@@ -268,6 +278,21 @@ def build_table(
     seeds_n = sorted({int(n) for n in agg["n"]}) if not agg.empty else []
     feeds = column_variants(fam)
 
+    def short(s, ck) -> int:
+        """How many variants of its column a family-level cell lacks (0 per variant)."""
+        if by_variant:
+            return 0
+        return len(feeds.get((family, *ck), set()) - set(str(s["variants"]).split()))
+
+    def uncovered(s, ck) -> tuple[int, int] | None:
+        """(k, K) when a family-level cell averages k of the K variants it should (its column's,
+        or those the paper's number averages), else None: such a cell is not compared."""
+        have = set(str(s["variants"]).split())
+        if short(s, ck):
+            return len(have), len(have) + short(s, ck)
+        needed = set((paper_averages or {}).get(ck[0], ())) if not by_variant else set()
+        return (len(have & needed), len(needed)) if not needed <= have else None
+
     def stat(method, variant, group, key):
         sel = agg[(agg.method == method) & (agg.group == group) & (agg.key == key)]
         if by_variant:
@@ -279,7 +304,7 @@ def build_table(
     rows: list[tuple[str, list[str]]] = []
     latex_rows: list[list[str]] = []
     footnotes: list[str] = []
-    flagged = fewer = not_run = False
+    flagged = fewer = not_run = partial_cells = uncompared = False
     disagreements = compared = 0
     for variant in variants:
         vfam = fam if not by_variant else fam[fam.variant == variant]
@@ -293,7 +318,7 @@ def build_table(
             vals = []
             for m in learners:
                 s = stat(m, variant, *ck)
-                if s is not None and math.isfinite(s["mean"]):
+                if s is not None and math.isfinite(s["mean"]) and not short(s, ck):
                     vals.append((round(float(s["mean"]), digits), m))
             distinct = sorted({v for v, _ in vals})
             rank[ck] = {m: distinct.index(v) for v, m in vals if distinct.index(v) < 2}
@@ -343,9 +368,18 @@ def build_table(
                     text += f" (n={int(s['n'])})"
                     tex += f" (n={int(s['n'])})"
                     fewer = True
+                if short(s, ck):  # uncovered() reports the column's own shortfall first
+                    k_of = " ({} of {} variants)".format(*uncovered(s, ck))
+                    text, tex, partial_cells = text + k_of, tex + k_of, True
                 if paper is not None:
                     pv = _paper_value(paper, family, paper_table, by_variant, variant, s, m, ck, mrows)
-                    if pv is not None:
+                    cover = None if pv is None else uncovered(s, ck)
+                    if cover:
+                        ptxt = _fmt(pv[0], pv[1], digits)
+                        text += f" [paper {ptxt}: not compared, {cover[0]} of {cover[1]} variants]"
+                        tex += f" [{_latex_escape(ptxt)}: not compared, {cover[0]} of {cover[1]} variants]"
+                        uncompared = True
+                    elif pv is not None:
                         ok_ = agrees(mean, se, *pv)
                         disagreements += not ok_
                         compared += 1
@@ -377,6 +411,11 @@ def build_table(
     if fewer:
         footnotes.append("(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an "
                          "ok job on some variant the cell averages.")
+    if partial_cells:
+        footnotes.append("(k of K variants) = the cell averages only k of the K variants its column has (no ok job "
+                         "of the method on the others, in every seed): it is not ranked.")
+    if uncompared:
+        footnotes.append("not compared = the paper's number averages variants this cell lacks.")
     if any("(v)" in lbl for lbl, _ in rows):
         footnotes.append("(v) = the method used the task's observed velocities.")
     if paper is not None and compared:
@@ -487,6 +526,7 @@ def write_report(
     profile: str = "",
     hardware: str | None = None,
     paper_tables: dict[str, dict] | None = None,
+    paper_averages: dict[str, dict] | None = None,
     per_variant_families: Sequence[str] = ("gf_sde",),
     notes: dict[str, str] | None = None,
 ) -> list[Table]:
@@ -500,7 +540,7 @@ def write_report(
         for by_variant in (False, True) if family in per_variant_families else (False,):
             t = build_table(cells, family, by_variant=by_variant, compare=compare, paper_table=pt,
                             method_order=method_order, profile=profile, hardware=hardware,
-                            note=(notes or {}).get(family, ""))
+                            note=(notes or {}).get(family, ""), paper_averages=(paper_averages or {}).get(family))
             stem = family + ("_per_variant" if by_variant else "")
             (out / f"{stem}.md").write_text(t.markdown())
             (out / f"{stem}.tex").write_text(t.latex())

@@ -40,8 +40,8 @@ data-independent guess (σ²₀ = ``sigma2_init`` = 1.0, drift b ≡ 0):
    on a uniform grid (the paper's case). The gradient of ∇φ with respect to the weights is
    written out by hand (:func:`_loss_and_grad`, checked against autograd in the tests).
 3. **M-step, diffusivity** (closed form, the Euler-Maruyama MLE):
-   ``σ² = Σ ‖ΔX − Δt_k b(X)‖² / (d Σ Δt_k)`` over increments and coordinates, i.e.
-   ``mean((ΔX − Δt b(X))²) / Δt`` on a uniform grid.
+   ``σ² = mean over increments of ‖ΔX − Δt_k b(X)‖² / (d Δt_k)``, i.e. the spec's
+   ``mean((ΔX − Δt b(X))²) / Δt`` with each increment divided by its own step.
 
 Prediction: Euler-Maruyama with −∇φ̂ and σ̂², one step per requested interval; an interval longer
 than the shortest training step is split into equal steps no longer than that step (the model's
@@ -527,10 +527,12 @@ def fit_potential(
 
 def sigma2_update(x0: np.ndarray, x1: np.ndarray, dt: np.ndarray, b: np.ndarray) -> float:
     """Closed-form isotropic diffusivity from increments x0 → x1 over steps dt (one per increment)
-    given the drift b(x0): ``Σ ‖x1 − x0 − dt b‖² / (d Σ dt)``."""
+    given the drift b(x0): the maximiser of the Euler-Maruyama likelihood
+    ``Π N(x1; x0 + dt b, σ² dt I)``, ``mean_i ‖x1 − x0 − dt b‖²_i / (d dt_i)``. (Pooling,
+    ``Σ ‖·‖² / (d Σ dt)``, agrees only on a uniform grid: on EB's 2-day gap it is not the MLE.)"""
     dt = np.asarray(dt, dtype=float).reshape(-1)
     resid = x1 - x0 - dt[:, None] * b
-    return float((resid**2).sum() / (x0.shape[1] * dt.sum()))
+    return float(((resid**2).sum(1) / dt).mean() / x0.shape[1])
 
 
 def euler_maruyama(

@@ -88,6 +88,7 @@ class EB(Task):
         "of day 1, 2 or 3 predicted from the day before"
     )
     paper_table = {"": (3, "leave-one-out")}
+    paper_averages = {"": tuple(f"holdout-{h}" for h in HOLDOUTS)}  # Table 3's mean column
     _file = EB_FILE
     _paper_variant: str | None = "leave-one-out"
 

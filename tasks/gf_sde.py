@@ -182,6 +182,7 @@ class GFSDE(Task):
         "t = 0.01k; train 0..9, forecast 10..19; exact probability-flow velocity at t0"
     )
     paper_table = {"paired": (1, "mean-of-5/paired"), "unpaired": (1, "mean-of-5/unpaired")}
+    paper_averages = {m: tuple(f"{p}-{m}" for p in POTENTIALS) for m in MODES}
 
     @property
     def potential(self) -> str:

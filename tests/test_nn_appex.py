@@ -211,6 +211,22 @@ def test_sigma2_update_exact_increments():
     assert abs(sigma2_update(x0, x1, dt, b) / sigma2 - 1) < 0.01
 
 
+def test_sigma2_update_is_the_maximum_likelihood_on_a_non_uniform_grid():
+    """Unit residuals over steps 2, 1, 1 (EB holdout-1's gaps): the MLE is (1/2 + 1 + 1) / 3, and
+    the Gaussian log-likelihood is lower on either side of it (pooling gives 3/4)."""
+    x0 = np.zeros((3, 1))
+    dt = np.array([2.0, 1.0, 1.0])
+    x1 = np.ones((3, 1))
+    s2 = sigma2_update(x0, x1, dt, np.zeros((3, 1)))
+    assert s2 == pytest.approx(2.5 / 3)
+
+    def loglik(v):
+        var = v * dt
+        return float(-0.5 * (1.0 / var + np.log(2 * np.pi * var)).sum())
+
+    assert loglik(s2) > max(loglik(s2 * 0.99), loglik(s2 * 1.01), loglik(0.75))
+
+
 # ------------------------------------------------------------------------------------------------
 # Prediction and a small end-to-end fit
 # ------------------------------------------------------------------------------------------------

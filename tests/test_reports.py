@@ -99,6 +99,32 @@ def test_compare_paper_puts_the_published_number_beside_ours():
     assert r"[\ldots{}] = the published number" in tex and "paper \\ldots" not in tex
 
 
+def test_a_cell_over_fewer_variants_than_its_column_is_marked_unranked_and_not_compared():
+    """Table 1's paired column averages 5 SDEs: a method run on one of them gets a 1-SDE mean,
+    which must neither rank against 5-SDE means nor be checked against the paper's 5-SDE mean."""
+    from tasks.gf_sde import GFSDE, POTENTIALS
+
+    col = ("paired", "train_w1")
+    rows = [_job("wlm", f"{p}-paired", s, {col: 0.2}, family="gf_sde") for p in POTENTIALS for s in (0, 1)]
+    rows += [_job("nn_appex", "bohachevsky-paired", s, {col: 0.08 + 0.001 * s}, family="gf_sde") for s in (0, 1)]
+    t = build_table(cells_frame(rows), "gf_sde", compare="paper", paper_table=GFSDE.paper_table,
+                    paper_averages=GFSDE.paper_averages)
+    cells = dict(t.rows)
+    assert cells["nn_appex"][0].startswith("0.081 ± 0.001 (1 of 5 variants) [paper ")
+    assert ": not compared, 1 of 5 variants]" in cells["nn_appex"][0] and "✓" not in cells["nn_appex"][0]
+    assert cells["wlm"][0].startswith("**0.200")  # the only full cell is the best, not nn_appex's 0.081
+    assert "[paper 0.062 ± 0.004 ✗]" in cells["wlm"][0] and "not compared" not in cells["wlm"][0]
+    assert any(f.startswith("(k of K variants) = ") for f in t.footnotes)
+    # every method on 2 of the 5 SDEs (a run with --tasks): nothing is compared with the 5-SDE mean
+    two = [r for r in rows if r["variant"] in ("quadratic-paired", "styblinski_tang-paired")]
+    t = build_table(cells_frame(two), "gf_sde", compare="paper", paper_table=GFSDE.paper_table,
+                    paper_averages=GFSDE.paper_averages)
+    assert "not compared, 2 of 5 variants]" in dict(t.rows)["wlm"][0]
+    assert "(2 of" not in dict(t.rows)["wlm"][0]  # the column itself has only these two
+    assert not any("cells disagree" in f for f in t.footnotes)
+    assert any(f.startswith("not compared = ") for f in t.footnotes)
+
+
 def test_a_published_only_row_is_blank_where_the_paper_has_no_number():
     rows = [_job("wlm", "interpolation", s, {("interpolation", "w1_holdout_1"): v, ("unseen", "w1_mix"): v},
                  family="vortex") for s, v in enumerate([0.038, 0.040])]

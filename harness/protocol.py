@@ -375,6 +375,10 @@ class Task(abc.ABC):
     """Column group -> the variants whose mean the paper's family-level number is (Table 1's five
     SDEs, Table 3's three holdouts). A cell that lacks one of them is not compared with it. Empty:
     the group's number is compared with whatever variants every method's cell averages."""
+    table_protocol: ClassVar[str] = ""
+    """How the table's numbers are made, for its caption (which start, which targets each column
+    averages), e.g. ``"one rollout from t0; Train W1 = mean over t1..t9, Forecast W1 = over
+    t10..t19"``."""
     table_note: ClassVar[str] = ""
     """A sentence every table of this family carries under it (e.g. that the data are a stand-in)."""
 

@@ -250,6 +250,7 @@ def build_table(
     digits: int = 3,
     note: str = "",
     paper_averages: dict[str, Sequence[str]] | None = None,
+    protocol: str = "",
 ) -> Table:
     """The family's table (or its per-variant table) from a cells frame of that family. The
     caption names the hardware its jobs ran on (``hardware`` overrides).
@@ -399,7 +400,8 @@ def build_table(
     n_text = "/".join(str(n) for n in seeds_n) if seeds_n else "0"
     scope = ("per variant" if by_variant else "each cell averages the family's variants per seed, then")
     caption = (
-        f"{family}: exact W1 (lower is better), {scope} mean ± SE over n = {n_text} seeds"
+        f"{family}: exact W1 (lower is better){'; ' + protocol + ';' if protocol else ','} {scope} mean ± SE "
+        f"over n = {n_text} seeds"
         + (f"; profile {profile}" if profile else "")
         + (f"; {hardware}" if hardware else "")
         + ". Bold best, underlined second among learners; — = the method cannot answer (interpolation-only)."
@@ -527,6 +529,7 @@ def write_report(
     hardware: str | None = None,
     paper_tables: dict[str, dict] | None = None,
     paper_averages: dict[str, dict] | None = None,
+    protocols: dict[str, str] | None = None,
     per_variant_families: Sequence[str] = ("gf_sde",),
     notes: dict[str, str] | None = None,
 ) -> list[Table]:
@@ -540,7 +543,8 @@ def write_report(
         for by_variant in (False, True) if family in per_variant_families else (False,):
             t = build_table(cells, family, by_variant=by_variant, compare=compare, paper_table=pt,
                             method_order=method_order, profile=profile, hardware=hardware,
-                            note=(notes or {}).get(family, ""), paper_averages=(paper_averages or {}).get(family))
+                            note=(notes or {}).get(family, ""), paper_averages=(paper_averages or {}).get(family),
+                            protocol=(protocols or {}).get(family, ""))
             stem = family + ("_per_variant" if by_variant else "")
             (out / f"{stem}.md").write_text(t.markdown())
             (out / f"{stem}.tex").write_text(t.latex())

@@ -181,6 +181,9 @@ def _shuffled(xs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
 class Boids(Task):
     family = "boids"
     variants = ("default", "unseen-init")
+    table_protocol = ("one rollout from t0 (positions and velocities); Train W1 = mean over t1..t49, "
+                      "Forecast W1 = over t50..t99; unseen-init: rollouts from new 2/3/4-component Gaussian "
+                      "mixtures, mean over t5, t10, ..., t95")
     has_simulator = True
     description = (
         "2-D Boids (1000 agents, 100 marginals, dt 0.5): train 0..49, forecast 50..99; true t0 "

@@ -44,6 +44,8 @@ EB300_FILE = "eb/sbirr_eb_data_300per_marginal.npy"
 N_DAYS = 5
 N_PCS = 5
 HOLDOUTS = (1, 2, 3)
+LEAVE_ONE_OUT = ("leave-one-out: day h from day h-1 by a model trained without day h (one job per h); "
+                 "mean = over h = 1, 2, 3")
 
 
 def load_eb(path, n_pcs: int = N_PCS) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -81,6 +83,7 @@ def load_eb300(path) -> list[np.ndarray]:
 class EB(Task):
     family = "eb"
     variants = tuple(f"holdout-{h}" for h in HOLDOUTS)
+    table_protocol = LEAVE_ONE_OUT
     has_simulator = False
     data_files = (EB_FILE,)
     description = (
@@ -141,6 +144,7 @@ class EB(Task):
 class EB300(EB):
     family = "eb300"
     variants = tuple(f"holdout-{h}" for h in HOLDOUTS)
+    table_protocol = LEAVE_ONE_OUT
     data_files = (EB300_FILE,)
     description = (
         "EB-300 (SBIRR subsample), stand-in, not comparable with published EB numbers: real EB "

@@ -182,6 +182,8 @@ class GFSDE(Task):
         "t = 0.01k; train 0..9, forecast 10..19; exact probability-flow velocity at t0"
     )
     paper_table = {"paired": (1, "mean-of-5/paired"), "unpaired": (1, "mean-of-5/unpaired")}
+    table_protocol = ("one rollout from t0 per job; Train W1 = mean over t1..t9, Forecast W1 = over t10..t19; "
+                      "paired/unpaired = the 5 SDEs' paired/unpaired variants")
     paper_averages = {m: tuple(f"{p}-{m}" for p in POTENTIALS) for m in MODES}
 
     @property

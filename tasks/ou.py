@@ -69,6 +69,7 @@ class OUSimulator:
 class OU(Task):
     family = "ou"
     variants = ("paired", "unpaired")
+    table_protocol = "one rollout from t0 per job; Train W1 = mean over t1..t7, Forecast W1 = over t8..t11"
     has_simulator = True
     description = "2-D Ornstein-Uhlenbeck, closed-form marginals (toy task for tests and demos)"
 

@@ -69,6 +69,9 @@ class Vortex(Task):
         "small vortex; forecast of time 10 of the big vortex (index time, physical step 0.9)"
     )
     paper_table = {"interpolation": (2, "interpolation"), "forecast": (2, "forecast")}
+    table_protocol = ("interpolation: held-out time h from h-1 (positions and velocities), mean = over h; "
+                      "forecast (trained on t0..t9): t10 by one rollout from t0 (Train W1 = its mean over "
+                      "t1..t9) and by one step from t9")
 
     @classmethod
     def variant_data_files(cls, variant: str) -> tuple[str, ...]:

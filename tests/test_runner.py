@@ -48,6 +48,9 @@ def test_rerun_skips_done_jobs_and_force_redoes_them(tmp_path):
     args = ("--tasks", "ou", "--methods", "static,oracle", "--seeds", "0,1,2", "--out", str(out), "--no-progress")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
+    from tasks.ou import OU
+
+    assert f"ou: exact W1 (lower is better); {OU.table_protocol}; each cell" in first.stdout  # the caption says how
     n_rows = len(RunStore(out).read_rows())
     again = run_cli(*args)
     assert again.returncode == 0

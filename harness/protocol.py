@@ -18,6 +18,7 @@ Vocabulary (``../shared/spec/protocol.md`` section 1):
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,11 @@ class TrainData:
     @property
     def times(self) -> np.ndarray:
         return np.array([m.t for m in self.marginals])
+
+    def without_velocities(self) -> TrainData:
+        """The same data with every marginal's velocities dropped (what a method that does not
+        declare ``uses_velocities`` is given: it cannot read privileged velocities unmarked)."""
+        return dataclasses.replace(self, marginals=tuple(m.without_velocities() for m in self.marginals))
 
     @property
     def dim(self) -> int:

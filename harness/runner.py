@@ -251,6 +251,8 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
         phase = "data"
         data = task.train_data()
         queries = task.queries()
+        if not method_cls.capabilities.uses_velocities:  # only a method marked (v) may see them
+            data = data.without_velocities()
         method = method_cls(job.hparams, seed=job.seed, device=device)
         if job.checkpoint_path:
             method.checkpoint_path = Path(job.checkpoint_path)

@@ -62,6 +62,24 @@ class Sleeps(_Base):
         time.sleep(float(self.hparams["sleep"]))
 
 
+class VelocityProbe(_Base):
+    """Reports (``learned()["saw_velocities"]``) whether any training marginal had velocities.
+    Declares no use of them; :class:`VelocityReadingProbe` does."""
+
+    name = "test_velocity_probe"
+
+    def fit(self, data: TrainData) -> None:
+        self._saw = any(m.v is not None for m in data.marginals)
+
+    def learned(self) -> dict[str, Any]:
+        return {"saw_velocities": self._saw}
+
+
+class VelocityReadingProbe(VelocityProbe):
+    name = "test_velocity_reading_probe"
+    capabilities = Capabilities(interpolate=True, forecast=True, uses_velocities=True)
+
+
 class KillsWorker(_Base):
     """Kills its own process in ``fit`` (a segfault, an OOM kill)."""
 

@@ -181,7 +181,11 @@ def _ot_pairs(xa: np.ndarray, xb: np.ndarray) -> np.ndarray:
 
     m = len(xa)
     cost = ((xa[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
-    plan = ot.emd(np.full(m, 1.0 / m), np.full(m, 1.0 / m), cost, numItermax=1_000_000)
+    from harness.metrics import NUM_ITER_MAX, SolverError
+
+    plan, log = ot.emd(np.full(m, 1.0 / m), np.full(m, 1.0 / m), cost, numItermax=NUM_ITER_MAX, log=True)
+    if log.get("result_code", 1) != 1 or log.get("warning"):  # a capped solve is not a permutation
+        raise SolverError(f"exact OT pairing failed ({log.get('warning') or log.get('result_code')})")
     return plan.argmax(1)  # uniform, equal sizes: the plan is a permutation (a vertex of the polytope)
 
 
@@ -321,8 +325,8 @@ class _ScalarFlowMethod(Method):
         require_choice(hp, "pairing", ("independent", "ot"))
         require_at_least(hp, "hidden", "depth", "batch_size", "iterations", "steps_per_unit", "min_steps",
                          "log_points", "val_steps_per_unit", "val_max_points")
-        require_at_least(hp, "eval_every", "grad_clip", *({"lam", "sigma"} & hp.keys()), minimum=0)  # UAM, sAM
-        require_positive(hp, "lr")
+        require_at_least(hp, "eval_every", *({"lam", "sigma"} & hp.keys()), minimum=0)  # UAM, sAM
+        require_positive(hp, "lr", "grad_clip")  # a clip at norm 0 zeroes every update: it would never train
 
     # -- training -----------------------------------------------------------------------------------
 

@@ -37,9 +37,9 @@ outputs ``U = s V`` and the internal coefficient is ``θ̃3 = s θ3``, so the lo
 recovered as ``∇V = ∇U / s``, ``θ3 = θ̃3 / s``. ``θ̃3 = softplus(raw) ≥ 0``.
 
 Prediction at times off the training grid: each gap between consecutive asked times is split into
-``ceil(gap / s)`` equal steps (so a step is never longer than the median training step; on the
-training grid this is exactly one step per data interval, e.g. one τ = 1 step from a held-out
-vortex time h−1 to h when the training step is 2). ``predict_substeps`` > 1 (default 1, the
+``ceil(gap / s)`` equal steps (so a step is never longer than the median training step s: one
+step per interval on a uniform training grid, two over EB's 2-day training gap; one τ = 1 step
+from the training time h−1 to a held-out vortex time h, where s = 2). ``predict_substeps`` > 1 (default 1, the
 paper's setting) splits every step further.
 
 JAX is imported inside functions only: listing methods never loads it.

@@ -31,7 +31,8 @@ Variants:
 
 Oracle: the simulator itself from the start state (deterministic). The simulator puts its input in
 a canonical row order (sorted by position) before stepping, so a shuffled copy of a population
-gives bitwise the same trajectories: the oracle's W1 from the t0 marginal is exactly 0. Neighbour
+gives bitwise the same trajectories: the oracle's W1 from the t0 marginal is 0 up to the
+rounding of POT's distance matrix (about 1e-8 on this scale). Neighbour
 sums use a k-d tree and ``np.bincount`` (no BLAS), so results do not depend on thread counts.
 Generated data are cached on disk (``tasks._cache``), keyed by variant and seed.
 """

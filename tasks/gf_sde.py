@@ -7,7 +7,8 @@ Five potentials (the paper's equations 41-45, x = (x1, x2)):
 =================  =====================================================
 ``bohachevsky``    10 (x1² + 2 x2² − 0.3 cos(3π x1) − 0.4 cos(4π x2))
 ``oakley_ohagan``  5 Σ_i (sin x_i + cos x_i + x_i² + x_i)
-``quadratic``      5 ‖x‖²   (an Ornstein-Uhlenbeck process, closed form)
+``quadratic``      5 ‖x‖²   (an Ornstein-Uhlenbeck process: closed-form marginals, simulated
+                   by the same Euler-Maruyama scheme as the others)
 ``styblinski_tang`` ½ Σ_i (x_i⁴ − 16 x_i² + 5 x_i)
 ``wavy_plateau``   Σ_i (cos(π x_i) + ½ x_i⁴ − 3 x_i² + 1)
 =================  =====================================================

@@ -66,7 +66,7 @@ class Vortex(Task):
     data_files = (SMALL, BIG)
     description = (
         "Gulf of Mexico ocean vortex (HYCOM, real): interpolation of held-out times 1,3,5,7 of the "
-        "small vortex; forecast of time 10 of the big vortex (index time, physical step 0.9)"
+        "small vortex (index time, physical step 0.9); forecast of time 10 of the big vortex"
     )
     paper_table = {"interpolation": (2, "interpolation"), "forecast": (2, "forecast")}
     table_protocol = ("interpolation: held-out time h from h-1 (positions and velocities), mean = over h; "

@@ -164,3 +164,16 @@ def test_uam_returns_positive_weights():
         assert w.shape == (q.start.n,) and np.all(w > 0) and np.isfinite(w).all()
         assert w.sum() == pytest.approx(1.0)
     assert m.hparams["lam"] == 1.0
+
+
+def test_ot_pairing_is_the_optimal_permutation_and_a_capped_solve_raises(monkeypatch):
+    from harness import metrics
+    from methods.action_matching import _ot_pairs
+
+    rng = np.random.default_rng(0)
+    xa = rng.standard_normal((40, 2))
+    perm = rng.permutation(40)
+    assert np.array_equal(_ot_pairs(xa, xa[perm] + 1e-3), np.argsort(perm))  # undoes a shuffle
+    monkeypatch.setattr(metrics, "NUM_ITER_MAX", 3)
+    with pytest.raises(metrics.SolverError, match="exact OT pairing failed"), pytest.warns(UserWarning):
+        _ot_pairs(xa, rng.standard_normal((40, 2)))

@@ -263,6 +263,18 @@ def test_a_velocity_reading_method_is_marked_only_when_the_task_gave_it_velociti
     assert with_v["used_velocities"] and not without_v["used_velocities"]
 
 
+def test_only_a_method_that_declares_velocities_is_given_the_training_velocities():
+    """ou's t0 carries the privileged probability-flow velocity: a method that does not declare
+    uses_velocities (and so is never marked (v)) must not see it in its training data."""
+    from harness.runner import Job, run_job
+
+    blind = run_job(Job("ou", "paired", "harness.testing:VelocityProbe", "quick", 0))["job"]
+    reading = run_job(Job("ou", "paired", "harness.testing:VelocityReadingProbe", "quick", 0))["job"]
+    assert blind["status"] == reading["status"] == "ok"
+    assert blind["learned"]["saw_velocities"] is False and not blind["used_velocities"]
+    assert reading["learned"]["saw_velocities"] is True and reading["used_velocities"]
+
+
 def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_it(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("geomloss")
@@ -351,6 +363,7 @@ def test_jobs_keep_freed_memory_so_fresh_large_buffers_do_not_page_fault_again()
 @pytest.mark.parametrize("method, key, value, sentence", [
     ("am", "pairing", "exact", "pairing must be 'independent' or 'ot'"),
     ("sam", "sigma", -0.1, "sigma must be at least 0"),
+    ("am", "grad_clip", 0, "grad_clip must be above 0"),
     ("dice", "iterations", 0, "iterations must be at least 1"),
     ("nn_appex", "ipf_scheme", "sinkhorn", "ipf_scheme must be 'damped' or 'alternating'"),
     ("jkonet_star", "hidden", [], "hidden must be a non-empty list"),

@@ -422,7 +422,8 @@ def build_table(
         footnotes.append("(v) = the method used the task's observed velocities.")
     if paper is not None and compared:
         footnotes.append(
-            "[paper …] = the published number; ✓ agrees within combined error bars (our SE + the paper's ±), "
+            "[paper …] = the published number; ✓ agrees within combined error bars (our SE over seeds + the "
+            "paper's printed ±, which measures different things in different tables: harness/reference/README.md), "
             f"✗ does not ({disagreements} of {compared} cells disagree)."
         )
     elif paper is not None:

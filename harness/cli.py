@@ -336,16 +336,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     render(job_rows, target_rows, run_dir / "tables", compare=args.compare,
            method_order=_method_order([m for m in dict.fromkeys(j.method for j in plan.jobs)]),
            profile=args.profile)
-    bad = [r for r in job_rows if r.get("status") != "ok"]
+    # this process has released its claims: a claim held now is another process's, running that job
+    elsewhere = {j.job_id for j in plan.jobs if j.job_id not in latest or store.claimed_by(j.job_id) is not None}
+    bad = [r for r in job_rows if r.get("status") != "ok" and r["job_id"] not in elsewhere]
     for r in bad:
         print(f"{r['status']}: {r['method']} on {r['task']}/{r['variant']} seed {r['seed']}: {r.get('error')}",
               file=sys.stderr)
     if bad:
         print(f"{len(bad)} of {len(job_rows)} jobs did not finish ok (rows in {store.rows_path})", file=sys.stderr)
-    elsewhere = [j for j in plan.jobs if j.job_id not in latest]  # only a job another process holds has no row
     if elsewhere:
-        print(f"{len(elsewhere)} of {len(plan.jobs)} jobs are running in another process and are not in this "
-              "table yet (see the notes above)", file=sys.stderr)
+        print(f"{len(elsewhere)} of {len(plan.jobs)} jobs are running in another process: this table shows their "
+              "earlier attempt where there is one (see the notes above)", file=sys.stderr)
     return 1 if bad or elsewhere else 0
 
 

@@ -405,6 +405,12 @@ def failure_result(job: Job, status: str, error: str, tb: str | None = None, dev
 
 
 OnResult = Callable[[Job, dict], None]
+Admit = Callable[[Job], bool]
+"""Asked just before a job starts; False skips it (another process runs it, or finished it)."""
+
+
+def _admit_all(job: Job) -> bool:
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,17 +465,27 @@ class SerialExecutor:
                 return "cuda", dict(GPU_ENV)
         return "cpu", dict(CPU_ENV)
 
-    def run(self, jobs: Sequence[Job], on_result: OnResult) -> None:
-        for job in jobs:
-            device, env = self.placement(job)
-            if self.timeout is None:
-                if device == "cpu" and "torch" not in sys.modules and "jax" not in sys.modules:
-                    os.environ.update(env)  # only before a framework is loaded: it would not see it after
-                elif device != "cpu":
-                    os.environ.update(env)
-                on_result(job, run_job(job, num_threads=self.num_threads, device=device))
-            else:
-                on_result(job, self._run_in_child(job, device, env))
+    def run(self, jobs: Sequence[Job], on_result: OnResult, admit: Admit = _admit_all) -> None:
+        if self._gpus is None and any(j.num_gpus > 0 for j in jobs):
+            self._gpus = local_gpus()  # before a CPU job's environment could hide the GPUs
+        restore = _sigterm_as_interrupt()  # a stopped driver must not leave a job process behind
+        try:
+            for job in jobs:
+                if not admit(job):
+                    continue
+                device, env = self.placement(job)
+                if self.timeout is None:
+                    # in this process: hide the GPUs from a CPU job only when no job will use one
+                    # (once hidden, this process's torch never sees them again), and only before a
+                    # framework is loaded (it would not see the change after)
+                    if device != "cpu" or (not self._gpus and "torch" not in sys.modules
+                                           and "jax" not in sys.modules):
+                        os.environ.update(env)
+                    on_result(job, run_job(job, num_threads=self.num_threads, device=device))
+                else:
+                    on_result(job, self._run_in_child(job, device, env))
+        finally:
+            restore()
 
     def _run_in_child(self, job: Job, device: str, env: dict) -> dict:
         import multiprocessing as mp
@@ -485,22 +501,24 @@ class SerialExecutor:
 
         deadline = time.monotonic() + self.timeout
         result = None
-        while result is None and time.monotonic() < deadline:
-            ready = wait([parent, proc.sentinel], timeout=max(0.0, deadline - time.monotonic()))
-            if parent in ready:
-                try:
-                    result = parent.recv()
-                except EOFError:
+        try:
+            while result is None and time.monotonic() < deadline:
+                ready = wait([parent, proc.sentinel], timeout=max(0.0, deadline - time.monotonic()))
+                if parent in ready:
+                    try:
+                        result = parent.recv()
+                    except EOFError:
+                        break
+                elif proc.sentinel in ready:
+                    if parent.poll(0.1):  # the result may have arrived just before the exit
+                        continue
                     break
-            elif proc.sentinel in ready:
-                if parent.poll(0.1):  # the result may have arrived just before the exit
-                    continue
-                break
-        timed_out = result is None and time.monotonic() >= deadline
-        proc.join(0 if timed_out else 5)  # a dead child's exit status may lag behind its closed pipe
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+            timed_out = result is None and time.monotonic() >= deadline
+            proc.join(0 if timed_out else 5)  # a dead child's exit status may lag behind its closed pipe
+        finally:  # also when the driver is interrupted: the job's process (a forkserver child) dies with it
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
         if timed_out:
             return failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout", device=device)
         if result is None:
@@ -592,15 +610,15 @@ class RayExecutor:
                 warnings.warn(msg, stacklevel=2)
         return {"num_cpus": 1, "num_gpus": 0, "runtime_env": {"env_vars": dict(CPU_ENV)}, "max_retries": 0}, "cpu"
 
-    def run(self, jobs: Sequence[Job], on_result: OnResult) -> None:
+    def run(self, jobs: Sequence[Job], on_result: OnResult, admit: Admit = _admit_all) -> None:
         ray = self._init()
         restore = _sigterm_as_interrupt()
         try:
-            self._run(ray, jobs, on_result)
+            self._run(ray, jobs, on_result, admit)
         finally:
             restore()
 
-    def _run(self, ray, jobs: Sequence[Job], on_result: OnResult) -> None:
+    def _run(self, ray, jobs: Sequence[Job], on_result: OnResult, admit: Admit) -> None:
         resources = ray.cluster_resources()
         cluster_gpus = float(resources.get("GPU", 0))
         remote = ray.remote(_ray_job)
@@ -632,9 +650,13 @@ class RayExecutor:
                     i += 1  # waits for a GPU; CPU jobs behind it may start
                     continue
                 pending.pop(i)
+                if not admit(job):
+                    continue
                 free_gpus -= opts["num_gpus"]
                 ref = remote.options(**opts).remote(job, device)
                 inflight[ref] = (job, time.monotonic(), device, opts["num_gpus"])
+            if not inflight and not pending:  # the rest were not admitted
+                break
             if not inflight:  # cannot happen: placement caps a job's GPUs at the cluster's
                 raise RuntimeError(f"no job of {len(pending)} fits the Ray cluster ({resources})")
             ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0.5)

@@ -16,9 +16,10 @@ Layout of a run directory:
   last words of a job that died), every attempt appended under a header line.
 - ``checkpoints/<job_id>.ckpt``: the training state of a job that has not finished ``ok`` (a
   method that checkpoints writes it; the sweep deletes it once the job's rows are stored ``ok``).
-- ``locks/<job_id>.lock``: the claim of the process running a job (``RunStore.claim``). A second
-  sweep over the same run directory skips the jobs another live process holds, so two commands
-  never train one job into one checkpoint; the kernel drops a claim when its process dies.
+- ``locks/<job_id>.lock``: the claim of the process running a job (``RunStore.claim``), taken
+  just before the job starts. A sweep skips a job another live process holds, so two commands
+  never train one job into one checkpoint (and two runs of one command split its jobs); the
+  kernel drops a claim when its process dies.
 
 Rerunning skips jobs whose latest attempt is ``ok``; ``--force`` reruns them (the new rows are
 appended; readers keep the latest attempt per job). A ``partial`` job (a fit stopped early by a

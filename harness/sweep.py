@@ -204,8 +204,9 @@ def run_plan(
 ) -> dict[str, dict]:
     """Run the plan's jobs that are not done; return the latest job row per selected job id.
 
-    A job another live process is running in the same run directory (``RunStore.claim``) is
-    skipped with a note on stderr: it has no row here unless an earlier attempt left one.
+    A job another live process is running in the same run directory (``RunStore.claim``) when
+    its turn comes is skipped with a note on stderr: it has no row here unless an earlier attempt
+    left one. Several processes running one plan thus share its jobs.
     """
     claims: dict[str, Any] = {}
     try:
@@ -229,65 +230,94 @@ def held_by(holder: dict) -> str:
 def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executor: str, workers: int,
                  address: str | None, timeout: float | None, force: bool, progress: bool,
                  ray_init: dict | None, threads: int) -> None:
+    """Run the plan's jobs not done yet, each claimed (``RunStore.claim``) just before it starts and
+    released once its rows are stored: processes sharing a run directory split its jobs between
+    them and never train one job twice."""
     done = set() if force else store.done_job_ids()
-    for j in plan.jobs:
-        if j.job_id in done or j.job_id in claims:
-            continue
-        fh = store.claim(j.job_id)
-        if fh is None:
-            print(f"note: skipped {j.describe()}: another process is running it in {store.root} "
-                  f"({held_by(store.claimed_by(j.job_id) or {})}); rerun this command once it finishes",
-                  file=sys.stderr)
-            continue
-        claims[j.job_id] = fh
-    if not force:  # claimed now: a job that another process finished meanwhile is done, not todo
-        done = store.done_job_ids()
     todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)),
                                 log_path=str(store.log_path(j.job_id)))
-            for j in plan.jobs if j.job_id in claims and j.job_id not in done]
-    if force:  # a forced rerun starts from scratch, not from an earlier attempt's training state
-        for j in todo:
-            Path(j.checkpoint_path).unlink(missing_ok=True)
-    if todo:
-        if executor == "ray":
-            ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
-            if progress:  # workers' stderr does not reach this terminal
-                print(f"jobs' output (progress of long fits): {store.root / 'logs'}/", file=sys.stderr)
-        elif executor == "serial":
-            ex = SerialExecutor(timeout=timeout, num_threads=threads)
+            for j in plan.jobs if j.job_id not in done]
+    if not todo:
+        return
+    if executor == "ray":
+        ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
+        if progress:  # workers' stderr does not reach this terminal
+            print(f"jobs' output (progress of long fits): {store.root / 'logs'}/", file=sys.stderr)
+    elif executor == "serial":
+        ex = SerialExecutor(timeout=timeout, num_threads=threads)
+    else:
+        raise PopbenchError(f"unknown executor {executor!r}; choose serial or ray")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def say(text: str) -> None:
+        if bar is not None:
+            bar.write(text, file=sys.stderr)
         else:
-            raise PopbenchError(f"unknown executor {executor!r}; choose serial or ray")
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+            print(text, file=sys.stderr)
 
-            bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr, dynamic_ncols=True,
-                       disable=None)
+    seen = {"rows": _rows_signature(store), "done": done}
 
-        revision = git_revision()  # the code that ran the jobs, on every job row
+    def finished_elsewhere(job: Job) -> bool:
+        """Stored ``ok`` by another process since this sweep read the rows (reread on change only)."""
+        sig = _rows_signature(store)
+        if sig != seen["rows"]:
+            seen["rows"], seen["done"] = sig, store.done_job_ids()
+        return job.job_id in seen["done"]
 
-        def on_result(job: Job, result: dict) -> None:
-            result["job"]["git_revision"] = revision
-            stem = result["job"]["attempt_id"] + "_" + job.job_id
-            if result.get("curves"):
-                result["job"]["artifact"] = store.write_artifact(stem, {"job_id": job.job_id, **result["curves"]})
-            if result.get("predictions"):
-                result["job"]["predictions"] = store.write_predictions(stem, result["predictions"])
-            store.append_rows([result["job"], *result["targets"]])
-            if result["job"].get("status") == "ok" and job.checkpoint_path:
-                Path(job.checkpoint_path).unlink(missing_ok=True)  # stored: the state is no longer needed
-            fh = claims.pop(job.job_id, None)
-            if fh is not None:  # stored: another process may take the job now
-                fh.close()
+    def admit(job: Job) -> bool:
+        fh = store.claim(job.job_id)
+        if fh is None:
+            say(f"note: skipped {job.describe()}: another process is running it in {store.root} "
+                f"({held_by(store.claimed_by(job.job_id) or {})}); rerun this command once it finishes")
+        elif not force and finished_elsewhere(job):
+            fh.close()
+            say(f"note: skipped {job.describe()}: another process finished it meanwhile")
+            fh = None
+        if fh is None:
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix_str(_summary(result)[:120])
+            return False
+        claims[job.job_id] = fh
+        if force:  # a forced rerun starts from scratch, not from an earlier attempt's training state
+            Path(job.checkpoint_path).unlink(missing_ok=True)
+        return True
 
-        try:
-            ex.run(todo, on_result)
-        finally:
-            if bar is not None:
-                bar.close()
+    revision = git_revision()  # the code that ran the jobs, on every job row
+
+    def on_result(job: Job, result: dict) -> None:
+        result["job"]["git_revision"] = revision
+        stem = result["job"]["attempt_id"] + "_" + job.job_id
+        if result.get("curves"):
+            result["job"]["artifact"] = store.write_artifact(stem, {"job_id": job.job_id, **result["curves"]})
+        if result.get("predictions"):
+            result["job"]["predictions"] = store.write_predictions(stem, result["predictions"])
+        store.append_rows([result["job"], *result["targets"]])
+        if result["job"].get("status") == "ok" and job.checkpoint_path:
+            Path(job.checkpoint_path).unlink(missing_ok=True)  # stored: the state is no longer needed
+        fh = claims.pop(job.job_id, None)
+        if fh is not None:  # stored: another process may take the job now
+            fh.close()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(_summary(result)[:120])
+
+    try:
+        ex.run(todo, on_result, admit)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _rows_signature(store: RunStore) -> tuple[int, int] | None:
+    try:
+        st = store.rows_path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def default_run_dir(name: str | None, profile: str) -> Path:

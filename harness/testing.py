@@ -59,6 +59,7 @@ class Sleeps(_Base):
     settings = {"sleep": 60.0}
 
     def fit(self, data: TrainData) -> None:
+        print(f"test_sleeps: pid {os.getpid()}", file=sys.stderr, flush=True)  # the job's log names its process
         time.sleep(float(self.hparams["sleep"]))
 
 

@@ -120,3 +120,17 @@ def test_a_cluster_the_harness_starts_does_not_nice_its_workers(monkeypatch):
     seen.clear()
     RayExecutor(workers=2, address="auto")._init()  # joining a cluster: its own settings stand
     assert seen["address"] == "auto" and "_system_config" not in seen
+
+
+def test_ray_skips_a_job_another_process_holds_and_runs_the_rest(tmp_path, ray_cluster, capsys):
+    plan = plan_jobs("ou/paired", "static", "smoke", [0, 1, 2])
+    store = RunStore(tmp_path)
+    held = plan.jobs[1]
+    fh = store.claim(held.job_id)  # this test process plays the other process
+    try:
+        latest = run_plan(plan, store, executor="ray", workers=2, progress=False)
+    finally:
+        fh.close()
+    assert sorted(r["seed"] for r in latest.values()) == [0, 2]
+    assert "skipped static on ou/paired (smoke, seed 1): another process is running it" in capsys.readouterr().err
+    assert store.claim(plan.jobs[0].job_id) is not None  # released once stored

@@ -2,11 +2,13 @@
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,32 +86,104 @@ def test_a_killed_driver_loses_no_finished_row_and_duplicates_none(tmp_path):
         json.loads(line)
 
 
-def test_a_second_sweep_skips_the_jobs_a_running_one_holds_and_none_runs_twice(tmp_path):
-    """Two commands on one run directory: the second runs none of the first's jobs (they would
-    share a checkpoint), says who holds them, exits 1; every job ends with exactly one row."""
+def test_two_sweeps_of_one_plan_split_its_jobs_and_none_runs_twice(tmp_path):
+    """The same command twice on one run directory: each job is claimed just before it starts, so
+    the second runs the job the first has not reached and skips (naming its holder) the one the
+    first is running; every job ends with exactly one row, run by one of the two processes."""
     out = tmp_path / "run"
     args = ["--tasks", "ou/paired", "--methods", "harness.testing:Busy", "--set", "seconds=8", "--seeds", "0,1",
             "--out", str(out), "--no-progress"]
     first = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), *args], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         store = RunStore(out)
         deadline = time.time() + 60
-        while time.time() < deadline and not (out / "logs").exists():  # claimed before any job starts
+        while time.time() < deadline and not (out / "logs").exists():  # seed 0 claimed and started
             time.sleep(0.1)
         dry = run_cli(*args, "--dry-run")
-        assert dry.stdout.count(f"running now (pid {first.pid} on") == 2, dry.stdout
+        assert dry.stdout.count(f"running now (pid {first.pid} on") == 1, dry.stdout
         second = run_cli(*args)
-        assert second.returncode == 1
-        assert second.stderr.count(f"another process is running it in {out} (pid {first.pid}") == 2
-        assert "2 of 2 jobs are running in another process" in second.stderr
-        assert first.poll() is None and not store.done_job_ids(), "the first sweep finished a job too soon"
+        assert f"skipped harness.testing:Busy on ou/paired (quick, seed 0): another process is running it in {out} " \
+               f"(pid {first.pid}" in second.stderr
     finally:
-        first.wait(timeout=120)
-    assert first.returncode == 0
+        first_err = first.communicate(timeout=120)[1]
     ids = [r["job_id"] for r in store.read_rows() if r["row_type"] == "job"]
     assert len(ids) == len(set(ids)) == 2
+    ran_in = {j["seed"]: j["pid"] for j in store.latest_jobs().values()}
+    assert ran_in[0] == first.pid and ran_in[1] != first.pid, (ran_in, first_err)
+    assert "seed 1" in first_err  # the first says why it did not run seed 1 (running, or finished, elsewhere)
     assert run_cli(*args).returncode == 0  # claims released: a rerun finds both done
+
+
+def test_a_job_held_by_another_process_is_skipped_not_reported_as_this_runs_failure(tmp_path):
+    from harness.sweep import plan_jobs
+
+    out = tmp_path / "run"
+    args = ("--tasks", "ou/paired", "--methods", "static", "--seeds", "0,1", "--out", str(out), "--no-progress")
+    store = RunStore(out)
+    held = plan_jobs("ou/paired", "static", "quick", [0]).jobs[0]
+    store.append_rows([{"row_type": "job", "job_id": held.job_id, "attempt_id": "a", "task": "ou", "variant": "paired",
+                        "method": "static", "profile": "quick", "seed": 0, "status": "failed", "error": "old",
+                        "finished_at": 1.0}])
+    fh = store.claim(held.job_id)  # this test process plays the other process
+    try:
+        r = run_cli(*args)
+    finally:
+        fh.close()
+    assert r.returncode == 1
+    assert "another process is running it" in r.stderr and "failed: static" not in r.stderr
+    assert "1 of 2 jobs are running in another process: this table shows their earlier attempt" in r.stderr
+    assert {j["seed"]: j["status"] for j in store.latest_jobs().values()} == {0: "failed", 1: "ok"}
+
+
+def test_a_stopped_driver_leaves_no_job_process_behind_under_timeout(tmp_path):
+    """--timeout runs a job in a forkserver child (not the driver's own child): SIGTERM to the
+    driver must kill it, or it trains on unclaimed while a rerun starts the same job."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), "--tasks", "ou/paired", "--methods",
+                             "harness.testing:Sleeps", "--set", "sleep=60", "--timeout", "100", "--out", str(out),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    logs = out / "logs"
+    deadline = time.time() + 60
+    pid = None
+    while time.time() < deadline and pid is None:
+        for log in logs.glob("*.log") if logs.exists() else []:
+            m = re.search(r"test_sleeps: pid (\d+)", log.read_text())
+            pid = int(m.group(1)) if m else None
+        time.sleep(0.2)
+    assert pid is not None and pid != proc.pid
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=30)[1]
+    assert "interrupted" in err and "Traceback" not in err
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def test_in_process_serial_runs_a_gpu_job_on_the_gpu_after_a_cpu_job(monkeypatch):
+    """A CPU job run first must not hide the GPUs from the driver (CUDA_VISIBLE_DEVICES="") before
+    the GPU job asks for them: the default command (static, ..., wlm) did exactly that."""
+    import harness.runner as runner
+    from harness.runner import Job, SerialExecutor
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+    monkeypatch.setattr(runner, "local_gpus", lambda: 1)  # a one-GPU machine
+    jobs = [Job("ou", "paired", "static", "smoke", 0),
+            Job("ou", "paired", "harness.testing:GpuEnvProbe", "smoke", 0, {"sleep": 0.0}, num_gpus=1.0,
+                framework="torch")]
+    got = []
+    SerialExecutor().run(jobs, lambda job, result: got.append(result["job"]))
+    assert [r["device"] for r in got] == ["cpu", "cuda"]
+    assert got[1]["learned"]["CUDA_VISIBLE_DEVICES"] is None  # not hidden by the CPU job before it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")  # a zombie is dead
 
 
 @pytest.mark.parametrize(

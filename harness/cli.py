@@ -51,7 +51,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
                    help="override a hyperparameter (JSON value), for one method or all")
     p.add_argument("--executor", default=None, choices=("serial", "ray"),
                    help="serial (default for one worker) or ray (default for more)")
-    p.add_argument("--workers", type=int, default=1, help="parallel jobs (Ray)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel jobs (Ray; default 1, or every CPU of the cluster given by --address)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (implies --executor ray)")
     p.add_argument("--timeout", type=float, default=None, help="per-job timeout in seconds (the job is killed)")
     p.add_argument("--threads", type=int, default=1,
@@ -59,7 +60,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default results/runs/<name>)")
     p.add_argument("--name", default=None, help="run name (default: the profile)")
     p.add_argument("--data-dir", default=None, help="where data files live (else $POPBENCH_DATA_DIR, then the cache)")
-    p.add_argument("--force", action="store_true", help="rerun jobs that already have ok rows")
+    p.add_argument("--force", action="store_true",
+                   help="rerun every selected job from scratch: ok ones too, and a partial or killed fit does not "
+                   "continue (its checkpoint is deleted)")
     p.add_argument("--compare", choices=("paper",), default=None, help="show the paper's numbers beside ours")
     p.add_argument("--list", action="store_true", help="list tasks and methods with capabilities and extras")
     p.add_argument("--dry-run", action="store_true", help="print the job matrix and what is done, run nothing")
@@ -112,8 +115,8 @@ def _by_settings(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
     average different configurations together; and per family a note saying so. (Settings may
     differ between variants: that is one configuration per variant, nothing to split.)"""
     combos: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
-    for r in rows:
-        if r.get("row_type") == "job":
+    for r in rows:  # a setting whose jobs all failed (an aborted experiment) has nothing to tell apart
+        if r.get("row_type") == "job" and r.get("status") in ("ok", "partial"):
             combos.setdefault((r["task"], r["variant"], r["method"]), set()).add(
                 (r["profile"], r.get("hparams_hash") or ""))
     split = {k: c for k, c in combos.items() if len(c) > 1}
@@ -175,7 +178,8 @@ def _publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="the suite's run directory (default results/runs/<profile>-<suite>)")
     p.add_argument("--out", default=None, help="output directory (default results/<profile>/<suite>)")
     p.add_argument("--seeds", default=None, help="only these seeds (e.g. 0 or 0-2; default: every seed in the run)")
-    p.add_argument("--seed", type=int, default=0, help="the seed whose rollouts the figures show")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed whose rollouts the figures show (default: 0, or the first of --seeds)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--include-partial", action="store_true",
                    help="also tabulate and draw partial jobs as '<method> (partial)', with a footnote giving the "
@@ -269,9 +273,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         apply_suite(args)
     args.tasks = args.tasks or DEFAULT_TASKS
     args.methods = args.methods or DEFAULT_METHODS
-    if args.data_dir:
-        os.environ["POPBENCH_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    for name, value, ok, what in (("--workers", args.workers, args.workers >= 1, "at least 1"),
+    if args.data_dir:  # absolute: jobs carry it to workers, whatever their working directory
+        args.data_dir = str(Path(args.data_dir).resolve())
+    for name, value, ok, what in (("--workers", args.workers, args.workers is None or args.workers >= 1, "at least 1"),
                                   ("--threads", args.threads, args.threads >= 1, "at least 1"),
                                   ("--timeout", args.timeout, args.timeout is None or args.timeout > 0, "above 0")):
         if not ok:
@@ -311,7 +315,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         n_todo = sum(r[-1] != "done" for r in rows)
         print(f"\n{len(rows)} jobs, {len(rows) - n_todo} done, {n_todo} to run; run directory {run_dir}")
         return 0
-    executor = args.executor or ("ray" if (args.workers > 1 or args.address) else "serial")
+    executor = args.executor or ("ray" if ((args.workers or 1) > 1 or args.address) else "serial")
+    if executor == "serial" and (args.workers or 1) > 1:
+        raise PopbenchError(f"--workers {args.workers} runs jobs in parallel, which the serial executor does not: "
+                            "drop --executor serial")
+    if args.workers is None and not args.address:
+        args.workers = 1  # with --address, None: as many jobs at once as the cluster has CPUs
     if executor == "ray":
         import importlib.util
 
@@ -407,6 +416,10 @@ def cmd_plot(argv: Sequence[str]) -> int:
     from harness import plots, registry
 
     args = _plot_parser().parse_args(argv)
+    if args.curve and not args.run:
+        raise PopbenchError("--curve plots a stored curve: name the run directory with --run")
+    if args.run and not (args.methods or args.curve):
+        raise PopbenchError("--run draws stored results: name --methods (rollouts) or --curve METHOD.KEY")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for family, variant in registry.expand_tasks(args.tasks):
@@ -445,9 +458,16 @@ def cmd_publish(argv: Sequence[str]) -> int:
     rows = [r for r in _stored_rows(run_dir, f"run `python run_all.py --suite {args.suite} --profile "
                                               f"{args.profile}` first") if r["profile"] == args.profile]
     keep = set(parse_seeds(args.seeds)) if args.seeds else None
+    if args.seed is None:
+        args.seed = parse_seeds(args.seeds)[0] if args.seeds else 0
+    elif keep is not None and args.seed not in keep:
+        raise PopbenchError(f"--seed {args.seed} is not among --seeds {args.seeds}: the figures would show a seed "
+                            "the tables leave out")
     if keep is not None:
         rows = [r for r in rows if r["seed"] in keep]
     rows, extra_notes = _by_settings(rows)
+    # a method with several settings has a table row per setting; a figure would mix them: none
+    several = {(r["task"], r["method"].partition(" [")[0]) for r in rows if " [" in r["method"]}
     if args.include_partial:
         rows, partial_notes = _as_partial_rows(rows)
         extra_notes = _merge_notes(extra_notes, partial_notes)
@@ -465,11 +485,15 @@ def cmd_publish(argv: Sequence[str]) -> int:
     learners = [m for m in methods if m not in {*REFERENCE.split(","), "oracle"}]
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
+    for family, m in sorted(several):
+        print(f"note: no figures of {m} on {family}: the run holds it with several settings (see the table's note)",
+              file=sys.stderr)
     for family, variant in dict.fromkeys((r["task"], r["variant"]) for r in job_rows):
         path = figs / f"{family}_{variant}_rollouts.png"
         try:
-            rollout_figure(run_dir, family, variant, learners, path, seed=args.seed, data_dir=args.data_dir,
-                           include_partial=args.include_partial)
+            rollout_figure(run_dir, family, variant, [m for m in learners if (family, m) not in several], path,
+                           seed=args.seed, data_dir=args.data_dir, include_partial=args.include_partial,
+                           profile=args.profile)
             print(f"wrote {path}")
         except PopbenchError as exc:
             print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)
@@ -481,13 +505,13 @@ def cmd_publish(argv: Sequence[str]) -> int:
     for family in dict.fromkeys(r["task"] for r in job_rows):
         for m, specs in curves.items():
             mine = [r for r in job_rows if r["method"] in (m, partial_label(m)) and r["task"] == family]
-            if m not in learners or not mine:
+            if m not in learners or not mine or (family, m) in several:
                 continue
             # e.g. WLM on Boids: friction fixed at 0, nothing learned to draw
             specs = [(key, label) for key, label, flag in specs
                      if not flag or any(r.get("hparams", {}).get(flag) for r in mine)]
             found = stored_curves(run_dir, m, [key for key, _ in specs], family=family, seeds=keep,
-                                  include_partial=args.include_partial)
+                                  include_partial=args.include_partial, profile=args.profile)
             for key, label in specs:
                 of_key = [c for c in found if c["curve"] == key]
                 if not of_key:

@@ -10,9 +10,9 @@ Each check raises :class:`ConformanceError` naming the first broken rule. What t
   finite values, float arrays, sorted times, groups); the same seed gives the same data; the task
   and its simulator (if any) pickle; targets are not training marginals in disguise when a query
   says ``test``.
-- ``check_method``: the class pickles before ``fit`` (it travels to Ray workers); ``fit`` sees a
-  :class:`TrainData` only (never targets: the checker hands it a copy whose targets are poisoned);
-  ``predict`` returns one finite ``(n, d)`` array per asked time, weights of the right shape if
+- ``check_method``: the class pickles before ``fit`` (it travels to Ray workers); ``fit`` gets a
+  :class:`TrainData` only, as the runner gives it (without velocities unless the method declares
+  ``uses_velocities``), and ``predict`` a start marginal the same way; ``predict`` returns one finite ``(n, d)`` array per asked time, weights of the right shape if
   any; the same seed gives the same output, and a method that declares ``stochastic=False`` gives
   it for another seed too; ``learned()`` is JSON-serialisable.
 """
@@ -117,7 +117,7 @@ def _fit_predict(method_cls: type[Method], hparams: dict, data: TrainData, queri
         _fail(f"{method_cls.__name__} does not pickle before fit: {exc}")
     if method_cls.capabilities.requires_simulator:
         m.attach_simulator(task.simulator())
-    m.fit(data)
+    m.fit(data if method_cls.capabilities.uses_velocities else data.without_velocities())  # as the runner does
     outs = []
     for i, q in enumerate(queries):
         start, times = q.request()

@@ -5,6 +5,7 @@ every job stores under ``artifacts/`` (nothing is refitted)."""
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,30 +17,44 @@ from harness.store import RunStore, partial_label
 
 
 def _latest(latest_jobs: dict[str, dict], family: str, variant: str, seed: int, method: str,
-            statuses: Sequence[str] = ("ok",)) -> dict | None:
+            statuses: Sequence[str] = ("ok",), profile: str | None = None) -> dict | None:
     rows = [r for r in latest_jobs.values()
             if r["task"] == family and r["variant"] == variant and r["seed"] == seed and r["method"] == method
-            and r.get("status") in statuses]
-    return max(rows, key=lambda r: r.get("finished_at", 0)) if rows else None
+            and r.get("status") in statuses and (profile is None or r.get("profile") == profile)]
+    _one_setting(rows, f"{method} on {family}/{variant} seed {seed}")
+    return rows[0] if rows else None
+
+
+def _one_setting(rows: Sequence[dict], what: str) -> None:
+    """A figure draws one configuration of a method: refuse rows of several (profile, settings)."""
+    settings = sorted({f"{r.get('profile')} {r.get('hparams_hash')}" for r in rows})
+    if len(settings) > 1:
+        raise PopbenchError(f"the run holds {what} with {len(settings)} settings ({', '.join(settings)}): "
+                            "a figure draws one; publish or plot from a run directory that holds one")
 
 
 def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], seed: int = 0,
-                   data_dir: str | None = None, include_partial: bool = False,
+                   data_dir: str | None = None, include_partial: bool = False, profile: str | None = None,
                    ) -> tuple[list[float], list[np.ndarray], dict[str, list]]:
     """What :func:`rollout_figure` draws: the target times (every query's, in time order), the
     truth at each, and per method its stored prediction at each time, or None where it gave none
     (e.g. an interpolation-only method at a forecast time). With ``include_partial`` a method
-    whose job stopped early (status ``partial``) is drawn too, labelled ``<method> (partial)``."""
+    whose job stopped early (status ``partial``) is drawn too, labelled ``<method> (partial)``.
+    ``profile``: only jobs of that profile. A method stored with several settings is refused."""
     store = RunStore(run_dir)
     task = registry.tasks.load(family)(variant, seed=seed, data_dir=data_dir)
     preds: dict[str, dict] = {}
     latest_jobs = store.latest_jobs()  # read rows.jsonl once, not once per method
     for m in methods:
-        row = _latest(latest_jobs, family, variant, seed, m, ("ok", "partial") if include_partial else ("ok",))
+        row = _latest(latest_jobs, family, variant, seed, m, ("ok", "partial") if include_partial else ("ok",),
+                      profile)
         if row is None or not row.get("predictions"):
             continue
-        with np.load(store.root / row["predictions"]) as f:
-            preds[m if row["status"] == "ok" else partial_label(m)] = {k: f[k] for k in f.files}
+        try:
+            with np.load(store.root / row["predictions"]) as f:
+                preds[m if row["status"] == "ok" else partial_label(m)] = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # missing, or corrupt (truncated)
+            raise PopbenchError(f"cannot read {m}'s stored predictions {store.root / row['predictions']}: {exc}") from exc
     if not preds:
         raise PopbenchError(f"{run_dir} has no stored predictions of {', '.join(methods)} on {family}/{variant} "
                             f"seed {seed}: run them first")
@@ -67,34 +82,42 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
 
 def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], path: str | Path,
                    seed: int = 0, data_dir: str | None = None, max_panels: int = 11,
-                   include_partial: bool = False) -> Path:
+                   include_partial: bool = False, profile: str | None = None) -> Path:
     """Truth row, then one row per method, columns = target times (every query's targets, in time
     order; at most ``max_panels`` of them, evenly spread); a method that does not answer a time
     gets an empty panel marked "—". ``include_partial``: as in :func:`rollout_panels`."""
-    times, truth, by_method = rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial)
+    times, truth, by_method = rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial,
+                                             profile)
     return plots.plot_rollouts(times, truth, by_method, path,
                                title=f"{family}/{variant} (seed {seed}, {Path(run_dir).name})", max_panels=max_panels)
 
 
 def stored_curves(run_dir: str | Path, method: str, keys: Sequence[str], family: str | None = None,
-                  seeds: set[int] | None = None, include_partial: bool = False) -> list[dict]:
+                  seeds: set[int] | None = None, include_partial: bool = False,
+                  profile: str | None = None) -> list[dict]:
     """Every stored curve named in ``keys`` of ``method`` (e.g. WLM's ``gamma_curve``, DICE's
     ``val_curve`` of (iteration, value) pairs), one dict per (curve, job) from the job's latest
     attempt: ``method``, ``curve``, ``task``, ``variant``, ``seed``, ``status``, ``values`` and
     ``steps``, the training iteration each value ends at (block means of a long fit; None where the
     job does not record its iteration count). Each job's artifact is read once for all ``keys``.
-    With ``include_partial`` also jobs that stopped early (status ``partial``)."""
+    With ``include_partial`` also jobs that stopped early (status ``partial``); ``profile``: only
+    jobs of that profile. A method stored with several settings on one task variant is refused."""
     from harness.protocol import curve_steps
 
     store = RunStore(run_dir)
     statuses = ("ok", "partial") if include_partial else ("ok",)
     out = []
-    for r in store.latest_jobs().values():
-        if r["method"] != method or r.get("status") not in statuses or not r.get("artifact"):
-            continue
-        if (family and r["task"] != family) or (seeds is not None and r["seed"] not in seeds):
-            continue
-        data = json.loads((store.root / r["artifact"]).read_text())
+    rows = [r for r in store.latest_jobs().values()
+            if r["method"] == method and r.get("status") in statuses and r.get("artifact")
+            and not (family and r["task"] != family) and not (seeds is not None and r["seed"] not in seeds)
+            and (profile is None or r.get("profile") == profile)]
+    for fam, var in dict.fromkeys((r["task"], r["variant"]) for r in rows):
+        _one_setting([r for r in rows if (r["task"], r["variant"]) == (fam, var)], f"{method} on {fam}/{var}")
+    for r in rows:
+        try:
+            data = json.loads((store.root / r["artifact"]).read_text())
+        except (OSError, ValueError) as exc:  # missing or corrupt
+            raise PopbenchError(f"cannot read {method}'s stored curves {store.root / r['artifact']}: {exc}") from exc
         for key in keys:
             values = data.get(key)
             if not isinstance(values, list) or not values:

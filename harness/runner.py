@@ -563,11 +563,12 @@ NEEDS_RAY = ("parallel jobs (--workers > 1, --executor ray, --address) need Ray:
 
 
 class RayExecutor:
-    """Jobs as Ray tasks (``--executor ray``); ``address`` joins an existing cluster."""
+    """Jobs as Ray tasks (``--executor ray``); ``address`` joins an existing cluster. At most
+    ``workers`` jobs run at once (``None``: as many as the cluster has CPUs)."""
 
     name = "ray"
 
-    def __init__(self, workers: int = 2, address: str | None = None, timeout: float | None = None, ray_init: dict | None = None):
+    def __init__(self, workers: int | None = 2, address: str | None = None, timeout: float | None = None, ray_init: dict | None = None):
         self.workers = workers
         self.address = address
         self.timeout = timeout
@@ -585,7 +586,7 @@ class RayExecutor:
             if self.address:
                 kwargs["address"] = self.address
             else:
-                kwargs["num_cpus"] = self.workers
+                kwargs["num_cpus"] = self.workers or 1
                 # Ray nices its workers (15) by default; here they are the benchmark itself, and
                 # niced jobs starve behind any foreground process (fit times, max_minutes budgets)
                 kwargs["_system_config"] = {"worker_niceness": 0}
@@ -627,7 +628,8 @@ class RayExecutor:
         # Submit only what the cluster can start at once (CPU slots, and GPUs for GPU jobs), so that
         # a submitted job is a running job and --timeout never counts time spent in Ray's queue
         # (on a cluster shared with other drivers it still may: their jobs hold resources too).
-        slots = max(1, min(self.workers, int(resources.get("CPU", self.workers))))
+        cpus = int(resources.get("CPU", self.workers or 1))
+        slots = max(1, cpus if self.workers is None else min(self.workers, cpus))
         free_gpus = cluster_gpus
 
         def finish(ref) -> None:

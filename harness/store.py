@@ -212,7 +212,10 @@ class RunStore:
         name = _file_name(stem) + ".npz"
         path = self.root / "artifacts" / name
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, **arrays)
+        with open(tmp, "wb") as fh:  # on disk before the row that names it (as the rows are)
+            np.savez_compressed(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
         return f"artifacts/{name}"
 

@@ -71,3 +71,16 @@ def test_the_checker_catches_broken_methods(cls, msg):
     with pytest.raises(ConformanceError, match=msg):
         check_method(cls)
 
+
+
+class SeesNoVelocities(Static):
+    name = "sees_no_velocities"
+    capabilities = Capabilities()  # does not declare uses_velocities
+
+    def fit(self, data):
+        if any(m.v is not None for m in data.marginals):
+            raise AssertionError("fit was handed velocities it did not declare (the runner strips them)")
+
+
+def test_the_checker_hands_fit_what_the_runner_does():
+    check_method(SeesNoVelocities)  # ou's t0 has velocities: only a declaring method gets them

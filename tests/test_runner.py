@@ -204,6 +204,7 @@ def _alive(pid: int) -> bool:
         (("--methods", "static", "--set", "static.x=1"), "declares no settings"),
         (("--workers", "0"), "--workers must be at least 1"),
         (("--timeout", "-1"), "--timeout must be above 0"),
+        (("--executor", "serial", "--workers", "2"), "--workers 2 runs jobs in parallel"),
         (("--seeds=-1",), "--seeds must be 0 or more"),
         (("--methods", "static", "--out", "/dev/null/run"), "cannot write the run directory /dev/null/run"),
     ],
@@ -303,6 +304,8 @@ def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
     with open(out / "jobs.csv", newline="") as fh:
         jobs = list(csv.DictReader(fh))
     assert {j["git_revision"] for j in jobs} == {git_revision()} != {None}
+    wrong = run_cli("publish", "--suite", "table1", "--run", str(run), "--out", str(out), "--seeds", "1", "--seed", "0")
+    assert wrong.returncode == 2 and "--seed 0 is not among --seeds 1" in wrong.stderr
     missing = run_cli("publish", "--suite", "table1", "--run", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--suite table1" in missing.stderr
@@ -467,11 +470,39 @@ def test_report_never_averages_a_method_run_with_two_settings(tmp_path):
     base = ("--tasks", "ou/paired", "--methods", "harness.testing:Busy", "--seeds", "0,1", "--out", str(out),
             "--no-progress")
     assert run_cli(*base, "--set", "seconds=0.01").returncode == 0
+    # another setting that only failed (an aborted experiment) splits nothing: one plain row
+    job = next(iter(_jobs(out).values()))
+    RunStore(out).append_rows([{**job, "job_id": job["job_id"] + "x", "attempt_id": "x", "hparams_hash": "deadbeef0000",
+                                "status": "timeout", "cells": [], "finished_at": time.time()}])
+    r = run_cli("report", str(out))
+    assert "| harness.testing:Busy " in r.stdout and "[" not in r.stdout.split("**ou**")[1].split("\n\n")[1]
     assert run_cli(*base, "--set", "seconds=0.02").returncode == 0  # same method, other settings, same run
     r = run_cli("report", str(out))
     assert r.returncode == 0, r.stderr
     labels = [line.split("|")[1].strip() for line in r.stdout.splitlines()
               if line.startswith("|") and "harness.testing:Busy [" in line]
-    hashes = {j["hparams_hash"] for j in _jobs(out).values()}
-    assert sorted(labels) == sorted(f"harness.testing:Busy [{h}]" for h in hashes) and len(hashes) == 2
+    hashes = {j["hparams_hash"] for j in _jobs(out).values() if j["status"] == "ok"}
+    assert set(labels) >= {f"harness.testing:Busy [{h}]" for h in hashes} and len(hashes) == 2
     assert "on paired with 2 different settings" in r.stdout and "never averaged together" in r.stdout
+    # a figure draws one configuration: with two it refuses, naming them
+    from harness.figures import rollout_panels
+    from harness.protocol import PopbenchError
+
+    with pytest.raises(PopbenchError, match="with 2 settings"):
+        rollout_panels(out, "ou", "paired", ["harness.testing:Busy"], seed=0)
+
+
+def test_plot_says_what_a_stored_result_flag_needs_and_a_corrupt_prediction_file_is_named(tmp_path):
+    from harness.figures import rollout_panels
+    from harness.protocol import PopbenchError
+
+    r = run_cli("plot", "--tasks", "ou/paired", "--curve", "wlm.gamma_curve", "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "name the run directory with --run" in r.stderr
+    r = run_cli("plot", "--tasks", "ou/paired", "--run", str(tmp_path), "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "name --methods" in r.stderr
+    out = tmp_path / "run"
+    assert run_cli("--tasks", "ou/paired", "--methods", "static", "--out", str(out), "--no-progress").returncode == 0
+    (npz,) = (out / "artifacts").glob("*.npz")
+    npz.write_bytes(npz.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(PopbenchError, match="cannot read static's stored predictions"):
+        rollout_panels(out, "ou", "paired", ["static"])

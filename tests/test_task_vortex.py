@@ -125,3 +125,15 @@ def test_missing_file_sentence(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "big_oceans_forecast.npz" in msg and "cd3b60a394b854c65f9c6f3b9739084798143987" in msg
     assert "raw.githubusercontent.com/guanton/WLM" in msg and str(tmp_path / "data" / "ocean") in msg
+
+
+def test_data_dir_is_searched_first_and_the_environments_directory_still_after_it(tmp_path, monkeypatch):
+    """--data-dir used to replace $POPBENCH_DATA_DIR: a file only in the environment's directory was
+    then 'missing', against the documented order (explicit, environment, cache)."""
+    from tests.conftest import run_cli
+
+    path = real("ocean/oceans_with_v0.npz")
+    env_dir = str(path.parent.parent)
+    r = run_cli("--tasks", "vortex/interpolation", "--methods", "static", "--data-dir", str(tmp_path), "--dry-run",
+                "--out", str(tmp_path / "run"), env={"POPBENCH_DATA_DIR": env_dir, "POPBENCH_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr

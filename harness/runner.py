@@ -144,7 +144,29 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def _peak_mem_mb() -> float:
+def _reset_peak_mem() -> bool:
+    """Start this job's memory peak from now (Linux: ``clear_refs`` 5 resets VmHWM), so that a
+    process that ran earlier jobs (in-process serial, a reused Ray worker) does not report their
+    peak as this job's. Returns whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mem_mb(since_reset: bool = False) -> float:
+    """Peak resident memory in MiB: since :func:`_reset_peak_mem` when it worked, else the
+    process's lifetime peak (``ru_maxrss``)."""
+    if since_reset:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024.0  # kB
+        except OSError:
+            pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -236,6 +258,7 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
 
     _set_threads(num_threads)
     keep_freed_memory()
+    own_peak = _reset_peak_mem()
     started = time.time()
     base = _row_base(job, device)
     job_row: dict[str, Any] = {**base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
@@ -344,7 +367,7 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
         fit_s=fit_s,
         predict_s=predict_s,
         wall_s=time.time() - started,
-        peak_mem_mb=_peak_mem_mb(),
+        peak_mem_mb=_peak_mem_mb(own_peak),
         finished_at=time.time(),
     )
     if device.startswith("cuda") and "torch" in sys.modules:

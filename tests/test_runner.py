@@ -178,6 +178,16 @@ def test_in_process_serial_runs_a_gpu_job_on_the_gpu_after_a_cpu_job(monkeypatch
     assert got[1]["learned"]["CUDA_VISIBLE_DEVICES"] is None  # not hidden by the CPU job before it
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's peak-RSS reset")
+def test_a_jobs_peak_memory_is_its_own_not_an_earlier_jobs_in_the_same_process():
+    code = ("import numpy as np; from harness.runner import Job, run_job; "
+            "a = np.ones(80_000_000); a[::512] = 2; del a; "  # a 640 MB peak before the job
+            "print(run_job(Job('ou', 'paired', 'static', 'smoke', 0))['job']['peak_mem_mb'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 500, r.stdout
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -55,11 +55,11 @@ SUITES: dict[str, Suite] = {
 def _eb_available(data_dir: str | None) -> bool:
     from harness import data
 
-    try:
-        data.resolve("eb/eb_velocity_v5.npz", data_dir=data_dir, download=False)
-        return True
-    except PopbenchError:
+    name = "eb/eb_velocity_v5.npz"
+    if not any((d / name).exists() for d in data.search_dirs(data_dir)):
         return False
+    data.resolve(name, data_dir=data_dir, download=False)  # present: a bad copy is an error, never a fallback
+    return True
 
 
 def get_suite(name: str) -> Suite:
@@ -101,7 +101,11 @@ def apply_suite(args: argparse.Namespace) -> None:
         import sys
 
         print("note: the full EB file eb_velocity_v5.npz is not available: table3 runs on the eb300 stand-in "
-              "(real EB cells, 300 per day, no velocities; not comparable with published numbers)", file=sys.stderr)
+              "(real EB cells, 300 per day, no velocities; not comparable with published numbers); "
+              "`python run_all.py fetch-data eb/eb_velocity_v5.npz` gets the full file", file=sys.stderr)
+        if args.tasks and any(t.split("/")[0] == "eb" for t in args.tasks.split(",")):
+            raise PopbenchError("--tasks eb: the full EB file eb/eb_velocity_v5.npz is missing; get it with "
+                                "`python run_all.py fetch-data eb/eb_velocity_v5.npz`, or drop --tasks to run eb300")
         tasks = "eb300"
     args.tasks = _restrict(args.tasks, tasks, registry.expand_tasks, "tasks", args.suite)
     args.methods = _restrict(args.methods, suite.methods, registry.methods.expand, "methods",

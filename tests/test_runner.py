@@ -329,6 +329,17 @@ def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
     assert r.returncode == 0 and "14 jobs" in r.stdout
 
 
+def test_table3_falls_back_to_eb300_only_when_the_eb_file_is_absent_not_when_it_is_corrupt(tmp_path):
+    (tmp_path / "eb").mkdir()
+    (tmp_path / "eb" / "eb_velocity_v5.npz").write_bytes(b"junk")
+    r = run_cli("--suite", "table3", "--dry-run", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r"),
+                env={"POPBENCH_DATA_DIR": ""})
+    assert r.returncode == 2 and "is corrupted or the wrong file" in r.stderr and "eb300" not in r.stdout
+    r = run_cli("--suite", "table3", "--tasks", "eb", "--dry-run", "--out", str(tmp_path / "r"),
+                env={"POPBENCH_DATA_DIR": str(tmp_path / "none"), "POPBENCH_CACHE_DIR": str(tmp_path / "none")})
+    assert r.returncode == 2 and "fetch-data eb/eb_velocity_v5.npz" in r.stderr
+
+
 def test_methods_or_tasks_with_a_suite_select_a_subset_of_it(tmp_path):
     out = str(tmp_path / "r")
     r = run_cli("--suite", "table4", "--seeds", "0", "--methods", "static,nn_appex", "--tasks", "boids/unseen-init",

@@ -359,7 +359,7 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
     except DivergedError as exc:
         job_row.update(status="diverged", error=str(exc), traceback=traceback.format_exc())
         target_rows, predictions = [], {}
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row (sys.exit in a method too)
         msg = f"{type(exc).__name__} during {phase}: {exc}"
         job_row.update(status="failed", error=msg, traceback=traceback.format_exc())
         target_rows, predictions = [], {}

@@ -81,6 +81,15 @@ class VelocityReadingProbe(VelocityProbe):
     capabilities = Capabilities(interpolate=True, forecast=True, uses_velocities=True)
 
 
+class Exits(_Base):
+    """Calls ``sys.exit(3)`` in ``fit`` (a library that exits instead of raising)."""
+
+    name = "test_exits"
+
+    def fit(self, data: TrainData) -> None:
+        sys.exit(3)
+
+
 class KillsWorker(_Base):
     """Kills its own process in ``fit`` (a segfault, an OOM kill)."""
 

@@ -16,7 +16,7 @@ from harness.store import RunStore
 
 from .conftest import ROOT, run_cli
 
-FAULTS = "harness.testing:Raises,harness.testing:ReturnsNaN,harness.testing:KillsWorker,static"
+FAULTS = "harness.testing:Raises,harness.testing:ReturnsNaN,harness.testing:KillsWorker,harness.testing:Exits,static"
 
 
 def _jobs(out):
@@ -34,6 +34,7 @@ def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path):
         "harness.testing:ReturnsNaN": "diverged",
         "harness.testing:KillsWorker": "failed",
         "harness.testing:Sleeps": "timeout",
+        "harness.testing:Exits": "failed",
         "static": "ok",
     }
     rows = {j["method"]: j for j in _jobs(out).values()}
@@ -42,7 +43,7 @@ def test_each_fault_gets_its_status_and_the_sweep_goes_on(tmp_path):
     assert "died" in rows["harness.testing:KillsWorker"]["error"]
     log = RunStore(out).log_path(rows["harness.testing:KillsWorker"]["job_id"]).read_text()
     assert "test_kills_worker: about to die" in log  # a killed job's last words are kept
-    assert "4 of 5 jobs did not finish ok" in r.stderr
+    assert "5 of 6 jobs did not finish ok" in r.stderr
 
 
 def test_rerun_skips_done_jobs_and_force_redoes_them(tmp_path):
@@ -359,6 +360,13 @@ def test_a_velocity_reading_method_is_marked_only_when_the_task_gave_it_velociti
     without_v = run_job(Job("eb300", "holdout-1", "velocity_extrapolation", "quick", 0))["job"]
     assert with_v["status"] == without_v["status"] == "ok"
     assert with_v["used_velocities"] and not without_v["used_velocities"]
+
+
+def test_a_method_calling_sys_exit_fails_its_job_not_the_sweep():
+    from harness.runner import Job, run_job
+
+    row = run_job(Job("ou", "paired", "harness.testing:Exits", "smoke", 0))["job"]  # in this process
+    assert row["status"] == "failed" and "SystemExit during fit" in row["error"]
 
 
 def test_only_a_method_that_declares_velocities_is_given_the_training_velocities():

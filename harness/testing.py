@@ -124,8 +124,11 @@ class EnvProbe(_Base):
     settings = {"sleep": 0.0}
 
     def fit(self, data: TrainData) -> None:
+        started = time.time()
         time.sleep(float(self.hparams["sleep"]))
         self._env = {
+            "started": started,
+            "ended": time.time(),
             "device": self.device,
             "pid": os.getpid(),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -134,3 +134,14 @@ def test_ray_skips_a_job_another_process_holds_and_runs_the_rest(tmp_path, ray_c
     assert sorted(r["seed"] for r in latest.values()) == [0, 2]
     assert "skipped static on ou/paired (smoke, seed 1): another process is running it" in capsys.readouterr().err
     assert store.claim(plan.jobs[0].job_id) is not None  # released once stored
+
+
+def test_joining_a_cluster_without_workers_runs_as_many_jobs_as_it_has_cpus(tmp_path, ray_cluster):
+    """--address without --workers: every CPU of the cluster (2 here), not one job at a time."""
+    from harness.runner import RayExecutor
+
+    plan = plan_jobs("ou/paired", "harness.testing:EnvProbe", "smoke", [0, 1], overrides={"*": {"sleep": 3}})
+    got = []
+    RayExecutor(workers=None, address="auto").run(plan.jobs, lambda job, result: got.append(result["job"]))
+    (a, b) = sorted((r["learned"]["started"], r["learned"]["ended"]) for r in got)
+    assert b[0] < a[1]  # the second started before the first ended: both in flight at once

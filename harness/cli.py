@@ -438,9 +438,10 @@ def cmd_plot(argv: Sequence[str]) -> int:
         from harness.figures import curve_figure
 
         method, _, key = args.curve.partition(".")
-        path = out / f"{method}_{key}.png"
-        curve_figure(args.run, method, key, path)
-        print(f"wrote {path}")
+        for family in dict.fromkeys(f for f, _ in registry.expand_tasks(args.tasks)):  # --tasks selects here too
+            path = out / f"{family}_{method}_{key}.png"
+            curve_figure(args.run, method, key, path, family=family)
+            print(f"wrote {path}")
     return 0
 
 

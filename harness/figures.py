@@ -153,7 +153,7 @@ def curve_figure(run_dir: str | Path, method: str, key: str, path: str | Path, f
     """A stored learned curve of a run, drawn by :func:`draw_curves`."""
     found = stored_curves(run_dir, method, [key], family, seeds, include_partial)
     if not found:
-        raise PopbenchError(f"no stored {key!r} curve of {method} in {run_dir}")
+        raise PopbenchError(f"no stored {key!r} curve of {method}{' on ' + family if family else ''} in {run_dir}")
     return draw_curves(found, path, ylabel)
 
 

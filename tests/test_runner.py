@@ -430,6 +430,13 @@ def test_a_capped_fit_is_partial_and_the_same_command_without_the_cap_continues_
     assert done["job_id"] == job["job_id"] and done["status"] == "ok"
     assert done["learned"]["iterations"] == 8 and done["learned"]["resumed_at"] == "1"
     assert not ckpt.exists()  # stored ok: the training state is gone
+    figs = tmp_path / "figs"
+    plotted = run_cli("plot", "--tasks", "ou", "--run", str(out), "--curve", "wlm.gamma_curve", "--out", str(figs))
+    assert plotted.returncode == 0, plotted.stderr
+    assert (figs / "ou_wlm_gamma_curve.png").exists()
+    other = run_cli("plot", "--tasks", "boids/default", "--run", str(out), "--curve", "wlm.gamma_curve",
+                    "--out", str(figs))  # --tasks selects the curves' family too: none stored for boids
+    assert other.returncode == 2 and "no stored 'gamma_curve' curve of wlm on boids" in other.stderr
 
 
 _FAULTS_PROBE = """

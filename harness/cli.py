@@ -346,7 +346,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
            method_order=_method_order([m for m in dict.fromkeys(j.method for j in plan.jobs)]),
            profile=args.profile)
     # this process has released its claims: a claim held now is another process's, running that job
-    elsewhere = {j.job_id for j in plan.jobs if j.job_id not in latest or store.claimed_by(j.job_id) is not None}
+    elsewhere = {j.job_id for j in plan.jobs if store.claimed_by(j.job_id) is not None}
+    vanished = [j for j in plan.jobs if j.job_id not in latest and j.job_id not in elsewhere]
     bad = [r for r in job_rows if r.get("status") != "ok" and r["job_id"] not in elsewhere]
     for r in bad:
         print(f"{r['status']}: {r['method']} on {r['task']}/{r['variant']} seed {r['seed']}: {r.get('error')}",
@@ -356,7 +357,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if elsewhere:
         print(f"{len(elsewhere)} of {len(plan.jobs)} jobs are running in another process: this table shows their "
               "earlier attempt where there is one (see the notes above)", file=sys.stderr)
-    return 1 if bad or elsewhere else 0
+    if vanished:  # held by another process that stopped without storing a result
+        print(f"{len(vanished)} of {len(plan.jobs)} jobs have no result: another process held them and stopped "
+              "without one; rerun this command to run them", file=sys.stderr)
+    return 1 if bad or elsewhere or vanished else 0
 
 
 def _stored_rows(run_dir, missing: str) -> list[dict]:
@@ -438,10 +442,21 @@ def cmd_plot(argv: Sequence[str]) -> int:
         from harness.figures import curve_figure
 
         method, _, key = args.curve.partition(".")
-        for family in dict.fromkeys(f for f, _ in registry.expand_tasks(args.tasks)):  # --tasks selects here too
+        families = list(dict.fromkeys(f for f, _ in registry.expand_tasks(args.tasks)))  # --tasks selects here too
+        drawn = 0
+        for family in families:
             path = out / f"{family}_{method}_{key}.png"
-            curve_figure(args.run, method, key, path, family=family)
+            try:
+                curve_figure(args.run, method, key, path, family=family)
+            except PopbenchError as exc:
+                if len(families) == 1:
+                    raise
+                print(f"note: {exc}", file=sys.stderr)
+                continue
+            drawn += 1
             print(f"wrote {path}")
+        if not drawn and len(families) > 1:
+            raise PopbenchError(f"no stored {key!r} curve of {method} on {', '.join(families)} in {args.run}")
     return 0
 
 

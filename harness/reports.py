@@ -358,7 +358,7 @@ def build_table(
                     text, tex = f"**{text}**", f"\\textbf{{{tex}}}"
                 elif r == 1:
                     text, tex = f"<u>{text}</u>", f"\\underline{{{tex}}}"
-                if m not in REFERENCE_METHODS:
+                if m not in REFERENCE_METHODS and not short(s, ck):  # static's cell averages other variants
                     st = stat("static", variant, *ck)
                     if (st is not None and math.isfinite(st["mean"])
                             and round(mean, digits) >= round(float(st["mean"]), digits)):
@@ -369,7 +369,7 @@ def build_table(
                     text += f" (n={int(s['n'])})"
                     tex += f" (n={int(s['n'])})"
                     fewer = True
-                if short(s, ck):  # uncovered() reports the column's own shortfall first
+                if uncovered(s, ck):  # fewer variants than its column, or than the paper's number averages
                     k_of = " ({} of {} variants)".format(*uncovered(s, ck))
                     text, tex, partial_cells = text + k_of, tex + k_of, True
                 if paper is not None:
@@ -414,8 +414,9 @@ def build_table(
         footnotes.append("(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an "
                          "ok job on some variant the cell averages.")
     if partial_cells:
-        footnotes.append("(k of K variants) = the cell averages only k of the K variants its column has (no ok job "
-                         "of the method on the others, in every seed): it is not ranked.")
+        footnotes.append("(k of K variants) = the cell averages only k of the K variants of its column (the "
+                         "family's, as the paper averages them, or those other methods ran); a cell with fewer "
+                         "than other methods' in its column is neither ranked nor marked †.")
     if uncompared:
         footnotes.append("not compared = the paper's number averages variants this cell lacks.")
     if any("(v)" in lbl for lbl, _ in rows):

@@ -456,7 +456,38 @@ def local_gpus() -> int:
         return 0
 
 
-def _child_main(job: Job, device: str, env: dict, conn) -> None:  # runs in a spawned child process
+def _exit_with_driver(driver_pid: int) -> None:
+    """End this job's process when the driver does, even when it is killed outright (SIGKILL, the
+    OOM killer): the job runs in a forkserver child, which the driver's death does not reach, and
+    it would train on with its claim released while a rerun starts the same job into the same
+    checkpoint. A daemon thread waits on the driver (a pidfd on Linux, else a 1 s poll)."""
+    import threading
+
+    def wait_pidfd(fd: int) -> None:
+        import select
+
+        select.select([fd], [], [])
+        os._exit(1)
+
+    def poll() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(driver_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+
+    try:
+        target, args = wait_pidfd, (os.pidfd_open(driver_pid),)
+    except (AttributeError, OSError):  # no pidfd here, or the driver is already gone
+        target, args = poll, ()
+    threading.Thread(target=target, args=args, daemon=True, name="exit-with-driver").start()
+
+
+def _child_main(job: Job, device: str, env: dict, conn, driver_pid: int) -> None:  # a forkserver child
+    _exit_with_driver(driver_pid)
     os.environ.update(env)
     try:
         conn.send(run_job(job, num_threads=int(os.environ.get("POPBENCH_THREADS", "1")), device=device))
@@ -517,7 +548,7 @@ class SerialExecutor:
         ctx.set_forkserver_preload(["harness._preload"])
         parent, child = ctx.Pipe(duplex=False)
         os.environ["POPBENCH_THREADS"] = str(self.num_threads)
-        proc = ctx.Process(target=_child_main, args=(job, device, env, child), daemon=True)
+        proc = ctx.Process(target=_child_main, args=(job, device, env, child, os.getpid()), daemon=True)
         proc.start()
         child.close()
         from multiprocessing.connection import wait

@@ -146,6 +146,35 @@ class RunStore:
                 latest[r["job_id"]] = r
         return latest
 
+    def rows_end(self) -> int:
+        """The offset just past the last complete row (for :meth:`job_ids_since`)."""
+        try:
+            with open(self.rows_path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return 0
+        return data.rfind(b"\n") + 1
+
+    def job_ids_since(self, offset: int) -> tuple[set[str], int]:
+        """Job ids with a job row stored after ``offset`` (any status), and the new end offset:
+        reads only what was appended since."""
+        try:
+            with open(self.rows_path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return set(), offset
+        end = data.rfind(b"\n") + 1  # a torn last line is read once it is complete
+        ids = set()
+        for line in data[:end].splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("row_type") == "job":
+                ids.add(r.get("job_id"))
+        return ids, offset + end
+
     def done_job_ids(self) -> set[str]:
         return {jid for jid, r in self.latest_jobs().items() if r.get("status") == "ok"}
 
@@ -177,11 +206,15 @@ class RunStore:
         path = self._lock_path(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            return None
+        for attempt in range(5):  # a claimed_by() probe holds a shared lock for an instant: try again
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    fh.close()
+                    return None
+                time.sleep(0.02)
         fh.truncate(0)
         fh.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": time.time()}))
         fh.flush()

@@ -233,6 +233,7 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
     """Run the plan's jobs not done yet, each claimed (``RunStore.claim``) just before it starts and
     released once its rows are stored: processes sharing a run directory split its jobs between
     them and never train one job twice."""
+    start = store.rows_end()  # before reading them: a row stored in between is seen by admit
     done = set() if force else store.done_job_ids()
     todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)),
                                 log_path=str(store.log_path(j.job_id)))
@@ -259,23 +260,23 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
         else:
             print(text, file=sys.stderr)
 
-    seen = {"rows": _rows_signature(store), "done": done}
+    seen: dict[str, Any] = {"offset": start, "ids": set()}
 
-    def finished_elsewhere(job: Job) -> bool:
-        """Stored ``ok`` by another process since this sweep read the rows (reread on change only)."""
-        sig = _rows_signature(store)
-        if sig != seen["rows"]:
-            seen["rows"], seen["done"] = sig, store.done_job_ids()
-        return job.job_id in seen["done"]
+    def ran_elsewhere(job: Job) -> bool:
+        """Another process stored an attempt of ``job`` (any status) since this sweep began: it
+        is not run again here, even with --force (rows appended since are read once each)."""
+        ids, seen["offset"] = store.job_ids_since(seen["offset"])
+        seen["ids"] |= ids
+        return job.job_id in seen["ids"]
 
     def admit(job: Job) -> bool:
         fh = store.claim(job.job_id)
         if fh is None:
             say(f"note: skipped {job.describe()}: another process is running it in {store.root} "
                 f"({held_by(store.claimed_by(job.job_id) or {})}); rerun this command once it finishes")
-        elif not force and finished_elsewhere(job):
+        elif ran_elsewhere(job):
             fh.close()
-            say(f"note: skipped {job.describe()}: another process finished it meanwhile")
+            say(f"note: skipped {job.describe()}: another process ran it meanwhile (see its row)")
             fh = None
         if fh is None:
             if bar is not None:
@@ -310,14 +311,6 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
     finally:
         if bar is not None:
             bar.close()
-
-
-def _rows_signature(store: RunStore) -> tuple[int, int] | None:
-    try:
-        st = store.rows_path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 def default_run_dir(name: str | None, profile: str) -> Path:

@@ -176,7 +176,7 @@ def median_step(times: np.ndarray) -> float:
 
 def step_plan(t0: float, times: Sequence[float], h: float) -> list[tuple[float, float, bool]]:
     """Sub-steps ``(tau, t_next, is_output)`` from ``t0`` through ``times``: each gap is split
-    into ``ceil(gap / h)`` equal steps (one step per data interval on the training grid)."""
+    into ``ceil(gap / h)`` equal steps (one step per interval of a uniform grid of step ``h``)."""
     plan, cur = [], float(t0)
     for t in times:
         gap = float(t) - cur

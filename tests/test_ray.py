@@ -140,7 +140,7 @@ def test_joining_a_cluster_without_workers_runs_as_many_jobs_as_it_has_cpus(tmp_
     """--address without --workers: every CPU of the cluster (2 here), not one job at a time."""
     from harness.runner import RayExecutor
 
-    plan = plan_jobs("ou/paired", "harness.testing:EnvProbe", "smoke", [0, 1], overrides={"*": {"sleep": 3}})
+    plan = plan_jobs("ou/paired", "harness.testing:EnvProbe", "smoke", [0, 1], overrides={"*": {"sleep": 8}})
     got = []
     RayExecutor(workers=None, address="auto").run(plan.jobs, lambda job, result: got.append(result["job"]))
     (a, b) = sorted((r["learned"]["started"], r["learned"]["ended"]) for r in got)

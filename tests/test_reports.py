@@ -119,8 +119,11 @@ def test_a_cell_over_fewer_variants_than_its_column_is_marked_unranked_and_not_c
     two = [r for r in rows if r["variant"] in ("quadratic-paired", "styblinski_tang-paired")]
     t = build_table(cells_frame(two), "gf_sde", compare="paper", paper_table=GFSDE.paper_table,
                     paper_averages=GFSDE.paper_averages)
-    assert "not compared, 2 of 5 variants]" in dict(t.rows)["wlm"][0]
-    assert "(2 of" not in dict(t.rows)["wlm"][0]  # the column itself has only these two
+    cell = dict(t.rows)["wlm"][0]
+    assert cell.startswith("**0.200 ± 0.000** (2 of 5 variants) [paper")  # labelled, still ranked: all have 2
+    assert "not compared, 2 of 5 variants]" in cell
+    plain = build_table(cells_frame(two), "gf_sde", paper_table=GFSDE.paper_table, paper_averages=GFSDE.paper_averages)
+    assert "(2 of 5 variants)" in dict(plain.rows)["wlm"][0]  # said without --compare too
     assert not any("cells disagree" in f for f in t.footnotes)
     assert any(f.startswith("not compared = ") for f in t.footnotes)
 

@@ -1,6 +1,9 @@
 """The run store: atomic appends, torn lines, latest attempts."""
 
 import json
+import os
+
+import pytest
 
 from harness.store import RunStore
 
@@ -67,3 +70,31 @@ def test_a_claim_is_exclusive_names_its_holder_and_dies_with_its_process(tmp_pat
         proc.wait()
     assert s.claimed_by("m") is None
     assert s.claim("m") is not None
+
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_job_another_process_stored_since_the_sweep_began_is_not_run_again_whatever_its_status(
+        tmp_path, monkeypatch, capsys, force):
+    """Two identical commands share a run directory: a job the other one stored meanwhile (even as a
+    timeout, even under --force) is skipped, not trained a second time."""
+    from harness.sweep import plan_jobs, run_plan
+
+    store = RunStore(tmp_path)
+    plan = plan_jobs("ou/paired", "static", "smoke", [0, 1])
+    other = plan.jobs[1]
+    real_claim = RunStore.claim
+
+    def claim(self, job_id):
+        if job_id == other.job_id:  # the other process stores its attempt just before this one claims
+            self.append_rows([{"row_type": "job", "job_id": job_id, "attempt_id": "other", "status": "timeout",
+                               "finished_at": 1.0, "task": "ou", "variant": "paired", "method": "static",
+                               "profile": "smoke", "seed": 1}])
+        return real_claim(self, job_id)
+
+    monkeypatch.setattr(RunStore, "claim", claim)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # an in-process CPU job sets CPU_ENV: keep it here
+    latest = run_plan(plan, store, executor="serial", force=force, progress=False)
+    assert latest[other.job_id]["attempt_id"] == "other"  # not rerun here
+    assert latest[plan.jobs[0].job_id]["status"] == "ok"
+    assert "another process ran it meanwhile" in capsys.readouterr().err

@@ -285,13 +285,25 @@ def build_table(
             return 0
         return len(feeds.get((family, *ck), set()) - set(str(s["variants"]).split()))
 
+    published = load_paper_results()
+
+    def paper_has(ck) -> bool:
+        """The paper publishes a family-level number for this column (for some method)."""
+        group, key = ck
+        if by_variant or group not in paper_table:
+            return False
+        table_no, pvariant = paper_table[group]
+        return bool(((published.table == table_no) & (published.task == family) & (published.variant == pvariant)
+                     & (published.column == key)).any())
+
     def uncovered(s, ck) -> tuple[int, int] | None:
         """(k, K) when a family-level cell averages k of the K variants it should (its column's,
-        or those the paper's number averages), else None: such a cell is not compared."""
+        or, for a column the paper publishes, those its number averages), else None: such a
+        cell is not compared with the paper."""
         have = set(str(s["variants"]).split())
         if short(s, ck):
             return len(have), len(have) + short(s, ck)
-        needed = set((paper_averages or {}).get(ck[0], ())) if not by_variant else set()
+        needed = set((paper_averages or {}).get(ck[0], ())) if paper_has(ck) else set()
         return (len(have & needed), len(needed)) if not needed <= have else None
 
     def stat(method, variant, group, key):

@@ -229,3 +229,17 @@ def test_a_column_the_method_has_no_job_for_says_not_run_not_cannot_answer():
     k3 = t.columns.index("g2 k3")
     assert cells["a"][k3] == "not run" and cells["c"][k3] == "—"
     assert "not run = no job of this method on the variant behind the column" in t.markdown()
+
+
+def test_a_per_holdout_column_is_not_labelled_short_only_the_mean_the_paper_publishes():
+    """EB: each h column comes from one holdout by design; only the mean (Table 3's number) needs
+    all three, and a run of 2 holdouts says so there."""
+    from tasks.eb import EB
+
+    rows = [_job("am", f"holdout-{h}", s, {("", f"w1_holdout_{h}"): 0.9, ("", "w1_mean_holdouts"): 0.9}, family="eb")
+            for h in (1, 2, 3) for s in (0, 1)]
+    t = build_table(cells_frame(rows), "eb", paper_table=EB.paper_table, paper_averages=EB.paper_averages)
+    assert not any("variants)" in c for c in dict(t.rows)["am"])
+    two = [r for r in rows if r["variant"] != "holdout-3"]
+    t = build_table(cells_frame(two), "eb", paper_table=EB.paper_table, paper_averages=EB.paper_averages)
+    assert [("variants)" in c) for c in dict(t.rows)["am"]] == [False, False, True]  # h=1, h=2, mean

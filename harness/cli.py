@@ -265,7 +265,7 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from harness.store import RunStore
-    from harness.sweep import held_by, default_run_dir, parse_overrides, parse_seeds, plan_jobs, run_plan
+    from harness.sweep import default_run_dir, held_by, parse_overrides, parse_seeds, plan_jobs, run_plan
 
     if args.suite:
         from harness.suites import apply_suite

@@ -12,9 +12,10 @@ Each check raises :class:`ConformanceError` naming the first broken rule. What t
   says ``test``.
 - ``check_method``: the class pickles before ``fit`` (it travels to Ray workers); ``fit`` gets a
   :class:`TrainData` only, as the runner gives it (without velocities unless the method declares
-  ``uses_velocities``), and ``predict`` a start marginal the same way; ``predict`` returns one finite ``(n, d)`` array per asked time, weights of the right shape if
-  any; the same seed gives the same output, and a method that declares ``stochastic=False`` gives
-  it for another seed too; ``learned()`` is JSON-serialisable.
+  ``uses_velocities``), and ``predict`` a start marginal the same way; ``predict`` returns one
+  finite ``(n, d)`` array per asked time, weights of the right shape if any; the same seed gives
+  the same output, and a method that declares ``stochastic=False`` gives it for another seed too;
+  ``learned()`` is JSON-serialisable.
 """
 
 from __future__ import annotations

@@ -264,7 +264,8 @@ def build_table(
     if hardware is None:
         hardware = hardware_caption(fam)
     agg = aggregate(fam, by_variant=by_variant)
-    paper = load_paper_results() if compare == "paper" else None
+    published = load_paper_results()  # also without --compare: which columns the paper publishes
+    paper = published if compare == "paper" else None
     paper_table = paper_table or {}
     # column order: first appearance in the job cells
     ok = fam.dropna(subset=["key"])
@@ -285,16 +286,9 @@ def build_table(
             return 0
         return len(feeds.get((family, *ck), set()) - set(str(s["variants"]).split()))
 
-    published = load_paper_results()
-
     def paper_has(ck) -> bool:
         """The paper publishes a family-level number for this column (for some method)."""
-        group, key = ck
-        if by_variant or group not in paper_table:
-            return False
-        table_no, pvariant = paper_table[group]
-        return bool(((published.table == table_no) & (published.task == family) & (published.variant == pvariant)
-                     & (published.column == key)).any())
+        return not by_variant and not _paper_column(published, family, paper_table, ck).empty
 
     def uncovered(s, ck) -> tuple[int, int] | None:
         """(k, K) when a family-level cell averages k of the K variants it should (its column's,
@@ -381,13 +375,13 @@ def build_table(
                     text += f" (n={int(s['n'])})"
                     tex += f" (n={int(s['n'])})"
                     fewer = True
-                if uncovered(s, ck):  # fewer variants than its column, or than the paper's number averages
-                    k_of = " ({} of {} variants)".format(*uncovered(s, ck))
+                cover = uncovered(s, ck)  # fewer variants than its column, or than the paper's number averages
+                if cover:
+                    k_of = " ({} of {} variants)".format(*cover)
                     text, tex, partial_cells = text + k_of, tex + k_of, True
                 if paper is not None:
                     pv = _paper_value(paper, family, paper_table, by_variant, variant, s, m, ck, mrows)
-                    cover = None if pv is None else uncovered(s, ck)
-                    if cover:
+                    if pv is not None and cover:
                         ptxt = _fmt(pv[0], pv[1], digits)
                         text += f" [paper {ptxt}: not compared, {cover[0]} of {cover[1]} variants]"
                         tex += f" [{_latex_escape(ptxt)}: not compared, {cover[0]} of {cover[1]} variants]"
@@ -477,16 +471,20 @@ def _paper_value(paper, family, paper_table, by_variant, variant, s, method, ck,
     return paper_lookup(paper, table_no, family, pvariant, method, key)
 
 
+def _paper_column(paper, family, paper_table, ck) -> pd.DataFrame:
+    """The paper's family-level numbers (every method's) for column ``ck`` = (group, key)."""
+    group, key = ck
+    if group not in paper_table:
+        return paper.iloc[0:0]
+    table_no, pvariant = paper_table[group]
+    return paper[(paper.table == table_no) & (paper.task == family) & (paper.variant == pvariant) & (paper.column == key)]
+
+
 def _published_only_rows(paper, family, paper_table, colkeys, methods, digits):
     out = []
     seen: dict[str, list[str]] = {}
     for ck in colkeys:
-        group, key = ck
-        if group not in paper_table:
-            continue
-        table_no, pvariant = paper_table[group]
-        sel = paper[(paper.table == table_no) & (paper.task == family) & (paper.variant == pvariant) & (paper.column == key)]
-        for _, r in sel.iterrows():
+        for _, r in _paper_column(paper, family, paper_table, ck).iterrows():
             if r.method in methods:
                 continue
             seen.setdefault(r.method, [""] * len(colkeys))  # blank: the paper has no such number

@@ -429,7 +429,7 @@ def failure_result(job: Job, status: str, error: str, tb: str | None = None, dev
 
 OnResult = Callable[[Job, dict], None]
 Admit = Callable[[Job], bool]
-"""Asked just before a job starts; False skips it (another process runs it, or finished it)."""
+"""Asked just before a job starts; False skips it (another process runs it, or ran it meanwhile)."""
 
 
 def _admit_all(job: Job) -> bool:

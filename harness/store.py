@@ -147,13 +147,18 @@ class RunStore:
         return latest
 
     def rows_end(self) -> int:
-        """The offset just past the last complete row (for :meth:`job_ids_since`)."""
+        """The end of the rows file now (for :meth:`job_ids_since`), read under the appends' lock,
+        so never inside another process's row (a torn line from a crash is fenced off by the next
+        append, and then skipped as unparseable)."""
         try:
             with open(self.rows_path, "rb") as fh:
-                data = fh.read()
+                fcntl.flock(fh, fcntl.LOCK_SH)
+                try:
+                    return os.fstat(fh.fileno()).st_size
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
         except FileNotFoundError:
             return 0
-        return data.rfind(b"\n") + 1
 
     def job_ids_since(self, offset: int) -> tuple[set[str], int]:
         """Job ids with a job row stored after ``offset`` (any status), and the new end offset:

@@ -6,6 +6,7 @@
     python run_all.py fetch-data                                        # download + verify data files
     python run_all.py plot --tasks boids                                # PNG of a task's marginals
     python run_all.py publish --suite table2                            # tables + figures -> results/quick/table2
+    python run_all.py restore --suite table2                            # ... and back into its run, to continue it
 
 Bad input (unknown name, empty selection, a method asked for what it cannot do, a missing data
 file) exits with code 2 and one sentence; a sweep in which any job failed exits with code 1.
@@ -27,7 +28,7 @@ from harness.protocol import PROFILES, PopbenchError
 DEFAULT_TASKS = "vortex/interpolation"
 DEFAULT_METHODS = "static,velocity_extrapolation,wlm"
 DEFAULT_PROFILE = "quick"
-COMMANDS = ("report", "fetch-data", "plot", "publish", "list")
+COMMANDS = ("report", "fetch-data", "plot", "publish", "restore", "list")
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
@@ -184,6 +185,22 @@ def _publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-partial", action="store_true",
                    help="also tabulate and draw partial jobs as '<method> (partial)', with a footnote giving the "
                    "iterations each reached")
+    return p
+
+
+def _restore_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_all.py restore",
+        description="Put a published suite's rows back into its run directory (e.g. on a fresh clone or another "
+        "machine), so that the suite's command skips the jobs already published and `publish` tabulates them with "
+        "the new ones. Reads the bundle `publish` writes (rows.jsonl.gz); attempts the run already holds are left "
+        "alone. Predicted samples are not carried: a rollout figure whose predictions are missing is left as "
+        "published.")
+    p.add_argument("--suite", required=True, help="table1..table4")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES)
+    p.add_argument("--from", dest="source", default=None,
+                   help="the published directory (default results/<profile>/<suite>)")
+    p.add_argument("--run", default=None, help="the run directory to fill (default results/runs/<profile>-<suite>)")
     return p
 
 
@@ -463,7 +480,7 @@ def cmd_plot(argv: Sequence[str]) -> int:
 def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
     from harness.figures import curves_csv, draw_curves, rollout_figure, stored_curves
-    from harness.store import partial_label
+    from harness.store import BUNDLE, partial_label, write_bundle
     from harness.suites import REFERENCE, get_suite, run_name
     from harness.sweep import default_run_dir, parse_seeds
 
@@ -481,6 +498,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
                             "the tables leave out")
     if keep is not None:
         rows = [r for r in rows if r["seed"] in keep]
+    raw_rows = rows
     rows, extra_notes = _by_settings(rows)
     # a method with several settings has a table row per setting; a figure would mix them: none
     several = {(r["task"], r["method"].partition(" [")[0]) for r in rows if " [" in r["method"]}
@@ -495,6 +513,8 @@ def cmd_publish(argv: Sequence[str]) -> int:
     render(job_rows, target_rows, out, compare="paper", method_order=order, profile=args.profile,
            extra_notes=extra_notes)
     out.mkdir(parents=True, exist_ok=True)
+    path = write_bundle(run_dir, raw_rows, out / BUNDLE)  # the rows themselves, for `restore`
+    print(f"wrote {path}")
     for name in ("environment.json", "invocations.jsonl"):  # provenance: versions, git revision, commands
         if (run_dir / name).exists():
             shutil.copyfile(run_dir / name, out / name)
@@ -542,6 +562,40 @@ def cmd_publish(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_restore(argv: Sequence[str]) -> int:
+    from harness.store import BUNDLE, RunStore
+    from harness.suites import get_suite, run_name
+    from harness.sweep import default_run_dir
+
+    args = _restore_parser().parse_args(argv)
+    get_suite(args.suite)
+    source = Path(args.source or Path("results") / args.profile / args.suite)
+    run_dir = Path(args.run) if args.run else default_run_dir(run_name(args.suite, args.profile), args.profile)
+    store = RunStore(run_dir)
+    try:
+        store.ensure()
+    except OSError as exc:
+        raise PopbenchError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
+    added, present = store.restore_bundle(source / BUNDLE)
+    # the commands that made the rows, then this one: the run's provenance stays whole
+    published = source / "invocations.jsonl"
+    mine = run_dir / "invocations.jsonl"
+    if published.exists():
+        have = set(mine.read_text().splitlines()) if mine.exists() else set()
+        new = [line for line in published.read_text().splitlines() if line.strip() and line not in have]
+        if new:
+            with open(mine, "a") as fh:
+                fh.write("".join(line + "\n" for line in new))
+    if added:
+        store.record_invocation({"argv": ["restore", *argv], "restored": str(source / BUNDLE), "attempts": added})
+    print(f"restored {added} job attempts from {source / BUNDLE} into {run_dir}"
+          + (f" ({present} already there)" if present else ""))
+    if added:
+        print(f"next: `python run_all.py --suite {args.suite} --profile {args.profile}` runs only the jobs not "
+              f"restored; `python run_all.py publish --suite {args.suite} --profile {args.profile}` tabulates all")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -549,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd, rest = argv[0], argv[1:]
             if cmd == "list":
                 return cmd_list()
-            return {"report": cmd_report, "fetch-data": cmd_fetch, "plot": cmd_plot, "publish": cmd_publish}[cmd](rest)
+            return {"report": cmd_report, "fetch-data": cmd_fetch, "plot": cmd_plot, "publish": cmd_publish,
+                    "restore": cmd_restore}[cmd](rest)
         args = _sweep_parser().parse_args(argv)
         if args.list:
             return cmd_list()

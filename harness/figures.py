@@ -50,6 +50,10 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
                       profile)
         if row is None or not row.get("predictions"):
             continue
+        if row.get("restored_from") and not (store.root / row["predictions"]).exists():
+            raise PopbenchError(f"{m}'s predicted samples on {family}/{variant} seed {seed} are not in {run_dir}: its "
+                                f"rows were restored from {row['restored_from']}, which carries no samples; the "
+                                "published figure stays as it is")
         try:
             with np.load(store.root / row["predictions"]) as f:
                 preds[m if row["status"] == "ok" else partial_label(m)] = {k: f[k] for k in f.files}

@@ -21,6 +21,12 @@ Layout of a run directory:
   never train one job into one checkpoint (and two runs of one command split its jobs); the
   kernel drops a claim when its process dies.
 
+A run travels between machines as a *bundle* (:func:`write_bundle`): ``publish`` writes one beside
+the tables it makes (``rows.jsonl.gz``), and ``restore`` (:meth:`RunStore.restore_bundle`) appends
+its attempts to a run directory, so that a later sweep skips those jobs and ``publish`` tabulates
+them with the new ones. A bundle carries every row and each job's curves, not predicted samples
+(the figures drawn from them are published as images).
+
 Rerunning skips jobs whose latest attempt is ``ok``; ``--force`` reruns them (the new rows are
 appended; readers keep the latest attempt per job). A ``partial`` job (a fit stopped early by a
 budget such as WLM's ``max_minutes``) is scored but not done: rerunning continues it from its
@@ -30,6 +36,7 @@ checkpoint.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import os
 import platform
@@ -43,7 +50,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from harness.protocol import PopbenchError
+
 ROWS = "rows.jsonl"
+BUNDLE = "rows.jsonl.gz"
 STATUSES = ("ok", "partial", "failed", "diverged", "timeout", "skipped")
 
 
@@ -187,6 +197,38 @@ class RunStore:
         latest = {jid: r.get("attempt_id") for jid, r in self.latest_jobs().items()}
         return [r for r in self.read_rows() if latest.get(r.get("job_id")) == r.get("attempt_id")]
 
+    def restore_bundle(self, path: str | os.PathLike) -> tuple[int, int]:
+        """Append the attempts of a bundle (:func:`write_bundle`) that this run does not hold yet:
+        each attempt's rows in one atomic append, after its curves file; its job row gains
+        ``restored_from``. Returns (attempts added, attempts already here). An attempt is known by
+        its ``attempt_id``, so restoring twice adds nothing, and where the run holds another
+        attempt of a job the latest one counts, as always."""
+        path = Path(path)
+        attempts: dict[str, list[dict]] = {}
+        for r in read_bundle(path):
+            attempts.setdefault(r["attempt_id"], []).append(r)
+        have = {r.get("attempt_id") for r in self.read_rows() if r.get("row_type") == "job"}
+        added = 0
+        for attempt_id, rows in attempts.items():
+            if attempt_id in have:
+                continue
+            jobs = [r for r in rows if r["row_type"] == "job"]
+            if len(jobs) != 1:
+                raise PopbenchError(f"{path} is not a popbench bundle: attempt {attempt_id} has "
+                                    f"{len(jobs)} job rows")
+            job = dict(jobs[0])
+            payload = job.pop("artifact_payload", None)
+            if payload is not None:
+                artifact = Path(str(job.get("artifact") or ""))
+                if artifact.parts[:1] != ("artifacts",) or ".." in artifact.parts or len(artifact.parts) != 2:
+                    raise PopbenchError(f"{path}: attempt {attempt_id} names its curves file {str(artifact)!r}, "
+                                        "not a file under artifacts/")
+                atomic_write_text(self.root / artifact, dumps(payload))
+            job["restored_from"] = str(path)
+            self.append_rows([job, *(r for r in rows if r["row_type"] != "job")])
+            added += 1
+        return added, len(attempts) - added
+
     def write_artifact(self, job_id: str, payload: dict) -> str:
         name = _file_name(job_id) + ".json"
         atomic_write_text(self.root / "artifacts" / name, dumps(payload))
@@ -264,6 +306,45 @@ class RunStore:
             fh.write(dumps({"time": time.time(), **config, "git_revision": env["git_revision"],
                             "versions": env["versions"]}) + "\n")
         atomic_write_text(self.root / "environment.json", dumps(env) + "\n")
+
+
+def write_bundle(run_dir: str | os.PathLike, rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    """Write ``rows`` of the run in ``run_dir`` as a bundle: gzipped JSON lines, each job row with
+    the contents of its curves file inline (``artifact_payload``). Byte-identical for the same rows
+    (no time stamp in the gzip header), so an unchanged publication leaves it unchanged."""
+    root, path = Path(run_dir), Path(path)
+    lines = []
+    for r in rows:
+        if r.get("row_type") == "job" and r.get("artifact"):
+            try:
+                r = {**r, "artifact_payload": json.loads((root / r["artifact"]).read_text())}
+            except (OSError, ValueError) as exc:
+                raise PopbenchError(f"cannot read the curves file {root / r['artifact']} of {r.get('job_id')}: "
+                                    f"{exc}") from exc
+        lines.append(dumps(r) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
+        fh.write("".join(lines).encode())
+    os.replace(tmp, path)
+    return path
+
+
+def read_bundle(path: str | os.PathLike) -> list[dict]:
+    """The rows of a bundle, checked to be popbench rows (a clear error for anything else)."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rt") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        raise PopbenchError(f"no bundle at {path}: `run_all.py publish` writes one beside the tables") from None
+    except (OSError, EOFError, ValueError) as exc:  # not gzip, truncated, or not JSON
+        raise PopbenchError(f"{path} is not a readable popbench bundle: {exc}") from exc
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or r.get("row_type") not in ("job", "target") or not r.get("attempt_id") \
+                or not r.get("job_id"):
+            raise PopbenchError(f"{path} is not a popbench bundle: line {i} is not a job or target row")
+    return rows
 
 
 def git_revision() -> str | None:

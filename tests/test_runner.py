@@ -321,6 +321,38 @@ def test_publish_writes_tables_with_the_paper_column_and_jobs_csv(tmp_path):
     assert "--suite table1" in missing.stderr
 
 
+def test_a_publication_restores_into_a_new_run_that_skips_its_jobs_and_republishes_it_unchanged(tmp_path):
+    """publish -> restore on a fresh machine -> the suite's command runs only new jobs -> publish:
+    the same tables, plus the new jobs; the figures drawn from samples the bundle does not carry stay."""
+    run, out, again = tmp_path / "run", tmp_path / "published", tmp_path / "fresh-run"
+    sweep = ("--tasks", "ou/paired", "--methods", "static,jkonet_star", "--profile", "smoke", "--no-progress")
+    assert run_cli(*sweep, "--out", str(run)).returncode == 0
+    r = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    figure = out / "figures" / "ou_paired_rollouts.png"
+    drawn = figure.read_bytes()
+    tables = {name: (out / name).read_text() for name in ("ou.md", "ou.tex", "rows_long.csv", "jobs.csv")}
+
+    r = run_cli("restore", "--suite", "table1", "--profile", "smoke", "--from", str(out), "--run", str(again))
+    assert r.returncode == 0 and "restored 2 job attempts" in r.stdout, r.stderr
+    r = run_cli(*sweep, "--out", str(again), "--dry-run")
+    assert r.returncode == 0 and "2 jobs, 2 done, 0 to run" in r.stdout, r.stdout
+    r = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(again), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {name: (out / name).read_text() for name in tables} == tables
+    assert "carries no samples; the published figure stays as it is" in r.stderr and figure.read_bytes() == drawn
+
+    # continued: a new seed runs, and the next publication tabulates the restored jobs with it
+    assert run_cli(*sweep, "--out", str(again), "--seeds", "1").returncode == 0
+    r = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(again), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    with open(out / "jobs.csv", newline="") as fh:
+        assert sorted((j["method"], j["seed"]) for j in csv.DictReader(fh)) == [
+            ("jkonet_star", "0"), ("jkonet_star", "1"), ("static", "0"), ("static", "1")]
+    bad = run_cli("restore", "--suite", "table1", "--profile", "smoke", "--from", str(tmp_path / "nowhere"), "--run", str(again))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no bundle at" in bad.stderr
+
+
 def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
     out = str(tmp_path / "r")
     r = run_cli("--suite", "table4", "--dry-run", "--out", out)

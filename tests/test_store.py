@@ -98,3 +98,62 @@ def test_a_job_another_process_stored_since_the_sweep_began_is_not_run_again_wha
     assert latest[other.job_id]["attempt_id"] == "other"  # not rerun here
     assert latest[plan.jobs[0].job_id]["status"] == "ok"
     assert "another process ran it meanwhile" in capsys.readouterr().err
+
+
+# -- bundles: a run carried between machines ------------------------------------------------
+
+
+def _attempt(store, jid, attempt, w1, curve=None):
+    job = {**_job(jid, "ok", 1.0, attempt), "cells": [{"group": "test", "key": "h1", "value": w1}]}
+    if curve is not None:
+        job["artifact"] = store.write_artifact(f"{attempt}_{jid}", {"job_id": jid, "loss_curve": curve})
+    store.append_rows([job, {"row_type": "target", "job_id": jid, "attempt_id": attempt, "w1": w1}])
+
+
+def test_a_bundle_restores_every_row_and_curve_once_and_is_byte_stable(tmp_path):
+    from harness.store import read_bundle, write_bundle
+
+    src = RunStore(tmp_path / "src")
+    _attempt(src, "a", "x1", 0.5, curve=[3.0, 2.0, 1.5])
+    _attempt(src, "b", "y1", 0.25)
+    bundle = write_bundle(src.root, src.read_rows(), tmp_path / "pub" / "rows.jsonl.gz")
+    first = bundle.read_bytes()
+    assert write_bundle(src.root, src.read_rows(), bundle).read_bytes() == first  # no time stamp inside
+    assert {r["row_type"] for r in read_bundle(bundle)} == {"job", "target"}
+
+    dst = RunStore(tmp_path / "dst")
+    _attempt(dst, "c", "z1", 0.75)  # a run that already holds other work keeps it
+    assert dst.restore_bundle(bundle) == (2, 0)
+    assert dst.restore_bundle(bundle) == (0, 2)  # known attempts are not appended twice
+    assert dst.done_job_ids() == {"a", "b", "c"}
+    restored = {r["attempt_id"]: r for r in dst.read_rows() if r["row_type"] == "job"}
+    strip = lambda r: {k: v for k, v in r.items() if k != "restored_from"}  # noqa: E731
+    original = {r["attempt_id"]: r for r in src.read_rows() if r["row_type"] == "job"}
+    assert all(strip(restored[a]) == original[a] for a in original)
+    assert restored["x1"]["restored_from"] == str(bundle) and "restored_from" not in restored["z1"]
+    assert json.loads((dst.root / restored["x1"]["artifact"]).read_text())["loss_curve"] == [3.0, 2.0, 1.5]
+    assert sorted(r["w1"] for r in dst.read_rows() if r["row_type"] == "target") == [0.25, 0.5, 0.75]
+
+
+def test_a_file_that_is_not_a_bundle_is_refused_with_its_name(tmp_path):
+    import gzip
+
+    from harness.protocol import PopbenchError
+
+    store = RunStore(tmp_path / "run")
+    with pytest.raises(PopbenchError, match="no bundle at"):
+        store.restore_bundle(tmp_path / "absent.gz")
+    (tmp_path / "plain.gz").write_text("not gzip")
+    with pytest.raises(PopbenchError, match="plain.gz is not a readable popbench bundle"):
+        store.restore_bundle(tmp_path / "plain.gz")
+    with gzip.open(tmp_path / "other.gz", "wt") as fh:
+        fh.write('{"some": "json"}\n')
+    with pytest.raises(PopbenchError, match="line 1 is not a job or target row"):
+        store.restore_bundle(tmp_path / "other.gz")
+    # a curves file that would land outside the run's artifacts/ is refused, and nothing is written
+    with gzip.open(tmp_path / "escape.gz", "wt") as fh:
+        fh.write(json.dumps({**_job("a", "ok", 1.0, "x1"), "artifact": "../../evil.json",
+                             "artifact_payload": {"x": 1}}) + "\n")
+    with pytest.raises(PopbenchError, match="not a file under artifacts/"):
+        store.restore_bundle(tmp_path / "escape.gz")
+    assert not (tmp_path / "evil.json").exists() and store.read_rows() == []

@@ -477,6 +477,21 @@ def cmd_plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def _keeps_published_jobs(bundle: Path, rows: list[dict], suite: str, profile: str) -> None:
+    """Refuse to publish over a publication whose jobs the run lacks (e.g. a fresh clone's run
+    that was never restored): its tables would silently lose them."""
+    from harness.store import read_bundle
+
+    if not bundle.exists():
+        return
+    here = {r.get("job_id") for r in rows}
+    lost = sorted({r["job_id"] for r in read_bundle(bundle) if r["row_type"] == "job"} - here)
+    if lost:
+        raise PopbenchError(f"{bundle.parent} publishes {len(lost)} jobs the run does not hold (e.g. {lost[0]}): "
+                            f"`python run_all.py restore --suite {suite} --profile {profile}` brings them into the "
+                            f"run first (to drop them, delete {bundle})")
+
+
 def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
     from harness.figures import curves_csv, draw_curves, rollout_figure, stored_curves
@@ -490,6 +505,8 @@ def cmd_publish(argv: Sequence[str]) -> int:
     out = Path(args.out or Path("results") / args.profile / args.suite)
     rows = [r for r in _stored_rows(run_dir, f"run `python run_all.py --suite {args.suite} --profile "
                                               f"{args.profile}` first") if r["profile"] == args.profile]
+    _keeps_published_jobs(out / BUNDLE, rows, args.suite, args.profile)
+    profile_rows = rows  # the bundle keeps every seed, whatever --seeds tabulates
     keep = set(parse_seeds(args.seeds)) if args.seeds else None
     if args.seed is None:
         args.seed = parse_seeds(args.seeds)[0] if args.seeds else 0
@@ -498,7 +515,6 @@ def cmd_publish(argv: Sequence[str]) -> int:
                             "the tables leave out")
     if keep is not None:
         rows = [r for r in rows if r["seed"] in keep]
-    raw_rows = rows
     rows, extra_notes = _by_settings(rows)
     # a method with several settings has a table row per setting; a figure would mix them: none
     several = {(r["task"], r["method"].partition(" [")[0]) for r in rows if " [" in r["method"]}
@@ -510,11 +526,11 @@ def cmd_publish(argv: Sequence[str]) -> int:
         raise PopbenchError(f"no {args.profile} rows in {run_dir}")
     methods = registry.methods.expand(suite.methods)
     order = _method_order([name for m in methods for name in (m, partial_label(m))])
+    # the rows themselves, for `restore`: first, so that no table is newer than the bundle
+    path = write_bundle(run_dir, profile_rows, out / BUNDLE)
+    print(f"wrote {path}")
     render(job_rows, target_rows, out, compare="paper", method_order=order, profile=args.profile,
            extra_notes=extra_notes)
-    out.mkdir(parents=True, exist_ok=True)
-    path = write_bundle(run_dir, raw_rows, out / BUNDLE)  # the rows themselves, for `restore`
-    print(f"wrote {path}")
     for name in ("environment.json", "invocations.jsonl"):  # provenance: versions, git revision, commands
         if (run_dir / name).exists():
             shutil.copyfile(run_dir / name, out / name)
@@ -565,29 +581,26 @@ def cmd_publish(argv: Sequence[str]) -> int:
 def cmd_restore(argv: Sequence[str]) -> int:
     from harness.store import BUNDLE, RunStore
     from harness.suites import get_suite, run_name
-    from harness.sweep import default_run_dir
+    from harness.sweep import default_run_dir, held_by
 
     args = _restore_parser().parse_args(argv)
     get_suite(args.suite)
     source = Path(args.source or Path("results") / args.profile / args.suite)
     run_dir = Path(args.run) if args.run else default_run_dir(run_name(args.suite, args.profile), args.profile)
     store = RunStore(run_dir)
+    busy = store.live_claims()
+    if busy:  # a running sweep would take restored attempts of its queued jobs for its own
+        raise PopbenchError(f"a sweep is running in {run_dir} ({held_by(busy[0])}): restore when it has finished")
     try:
         store.ensure()
     except OSError as exc:
         raise PopbenchError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
-    added, present = store.restore_bundle(source / BUNDLE)
-    # the commands that made the rows, then this one: the run's provenance stays whole
-    published = source / "invocations.jsonl"
-    mine = run_dir / "invocations.jsonl"
-    if published.exists():
-        have = set(mine.read_text().splitlines()) if mine.exists() else set()
-        new = [line for line in published.read_text().splitlines() if line.strip() and line not in have]
-        if new:
-            with open(mine, "a") as fh:
-                fh.write("".join(line + "\n" for line in new))
-    if added:
-        store.record_invocation({"argv": ["restore", *argv], "restored": str(source / BUNDLE), "attempts": added})
+    added, present = store.restore_bundle(source / BUNDLE, profile=args.profile)
+    if added:  # the run's provenance stays whole: the commands that made the rows, then this one
+        if (source / "invocations.jsonl").exists():
+            store.merge_invocations(source / "invocations.jsonl")
+        store.record_invocation({"argv": ["restore", *argv], "restored": str(source / BUNDLE), "attempts": added},
+                                ran_jobs=False)
     print(f"restored {added} job attempts from {source / BUNDLE} into {run_dir}"
           + (f" ({present} already there)" if present else ""))
     if added:

@@ -197,37 +197,53 @@ class RunStore:
         latest = {jid: r.get("attempt_id") for jid, r in self.latest_jobs().items()}
         return [r for r in self.read_rows() if latest.get(r.get("job_id")) == r.get("attempt_id")]
 
-    def restore_bundle(self, path: str | os.PathLike) -> tuple[int, int]:
+    def restore_bundle(self, path: str | os.PathLike, profile: str | None = None) -> tuple[int, int]:
         """Append the attempts of a bundle (:func:`write_bundle`) that this run does not hold yet:
         each attempt's rows in one atomic append, after its curves file; its job row gains
         ``restored_from``. Returns (attempts added, attempts already here). An attempt is known by
         its ``attempt_id``, so restoring twice adds nothing, and where the run holds another
-        attempt of a job the latest one counts, as always."""
+        attempt of a job the latest one counts, as always. The whole bundle is checked before
+        anything is written (``profile``: every row must be of it), and a restored attempt's files
+        get the names a sweep gives them, whatever the bundle says. A restored ``partial`` job has
+        no checkpoint: rerunning it trains from the start."""
         path = Path(path)
         attempts: dict[str, list[dict]] = {}
         for r in read_bundle(path):
             attempts.setdefault(r["attempt_id"], []).append(r)
-        have = {r.get("attempt_id") for r in self.read_rows() if r.get("row_type") == "job"}
-        added = 0
         for attempt_id, rows in attempts.items():
-            if attempt_id in have:
-                continue
             jobs = [r for r in rows if r["row_type"] == "job"]
-            if len(jobs) != 1:
-                raise PopbenchError(f"{path} is not a popbench bundle: attempt {attempt_id} has "
-                                    f"{len(jobs)} job rows")
-            job = dict(jobs[0])
-            payload = job.pop("artifact_payload", None)
-            if payload is not None:
-                artifact = Path(str(job.get("artifact") or ""))
-                if artifact.parts[:1] != ("artifacts",) or ".." in artifact.parts or len(artifact.parts) != 2:
-                    raise PopbenchError(f"{path}: attempt {attempt_id} names its curves file {str(artifact)!r}, "
-                                        "not a file under artifacts/")
-                atomic_write_text(self.root / artifact, dumps(payload))
-            job["restored_from"] = str(path)
-            self.append_rows([job, *(r for r in rows if r["row_type"] != "job")])
-            added += 1
+            if len(jobs) != 1 or any(r["job_id"] != jobs[0]["job_id"] for r in rows):
+                raise PopbenchError(f"{path} is not a popbench bundle: attempt {attempt_id} has {len(jobs)} job "
+                                    "rows, or rows of several jobs")
+        if profile is not None:
+            others = sorted({str(r.get("profile")) for rows in attempts.values() for r in rows} - {profile})
+            if others:
+                raise PopbenchError(f"{path} holds {', '.join(others)} rows, not {profile} ones: name its profile "
+                                    f"(--profile {others[0]})")
+        self.ensure()
+        with open(self.root / ".restore.lock", "a") as lock:  # two restores never interleave
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            have = {r.get("attempt_id") for r in self.read_rows() if r.get("row_type") == "job"}
+            added = 0
+            for attempt_id, rows in attempts.items():
+                if attempt_id in have:
+                    continue
+                job = dict(next(r for r in rows if r["row_type"] == "job"))
+                stem = f"{attempt_id}_{job['job_id']}"
+                payload = job.pop("artifact_payload", None)
+                job.pop("artifact", None)
+                if payload is not None:
+                    job["artifact"] = self.write_artifact(stem, payload)
+                if job.get("predictions"):  # not carried: the name says where they would be, never elsewhere
+                    job["predictions"] = f"artifacts/{_file_name(stem)}.npz"
+                job["restored_from"] = str(path)
+                self.append_rows([job, *(r for r in rows if r["row_type"] != "job")])
+                added += 1
         return added, len(attempts) - added
+
+    def live_claims(self) -> list[dict]:
+        """The claims held now by live processes (see :meth:`claim`): ``{"pid", "host", "since"}`` each."""
+        return [h for h in (self._holder(p) for p in sorted((self.root / "locks").glob("*.lock"))) if h is not None]
 
     def write_artifact(self, job_id: str, payload: dict) -> str:
         name = _file_name(job_id) + ".json"
@@ -270,7 +286,10 @@ class RunStore:
     def claimed_by(self, job_id: str) -> dict | None:
         """Who runs a job now: ``{"pid", "host", "since"}`` of the live process that claimed it
         (``{}`` when it has not written them yet), or ``None`` when no process holds it."""
-        path = self._lock_path(job_id)
+        return self._holder(self._lock_path(job_id))
+
+    @staticmethod
+    def _holder(path: Path) -> dict | None:
         if not path.exists():
             return None
         with open(path) as fh:
@@ -299,22 +318,41 @@ class RunStore:
         os.replace(tmp, path)
         return f"artifacts/{name}"
 
-    def record_invocation(self, config: dict) -> None:
+    def record_invocation(self, config: dict, ran_jobs: bool = True) -> None:
+        """Append a command to ``invocations.jsonl``; one that runs jobs (``ran_jobs``) also
+        rewrites ``environment.json``, which describes what ran the latest jobs."""
         self.ensure()
         env = environment()
         with open(self.root / "invocations.jsonl", "a") as fh:  # each invocation keeps its own revision
             fh.write(dumps({"time": time.time(), **config, "git_revision": env["git_revision"],
                             "versions": env["versions"]}) + "\n")
-        atomic_write_text(self.root / "environment.json", dumps(env) + "\n")
+        if ran_jobs:
+            atomic_write_text(self.root / "environment.json", dumps(env) + "\n")
+
+    def merge_invocations(self, path: str | os.PathLike) -> None:
+        """Add another run's invocations (e.g. a publication's) to this run's, in time order."""
+        mine = self.root / "invocations.jsonl"
+        lines = set(mine.read_text().splitlines()) if mine.exists() else set()
+        lines |= set(Path(path).read_text().splitlines())
+
+        def when(line: str) -> float:
+            try:
+                return float(json.loads(line).get("time") or 0)
+            except (ValueError, AttributeError):
+                return 0.0
+
+        atomic_write_text(mine, "".join(line + "\n" for line in sorted((ln for ln in lines if ln.strip()), key=when)))
 
 
 def write_bundle(run_dir: str | os.PathLike, rows: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write ``rows`` of the run in ``run_dir`` as a bundle: gzipped JSON lines, each job row with
     the contents of its curves file inline (``artifact_payload``). Byte-identical for the same rows
-    (no time stamp in the gzip header), so an unchanged publication leaves it unchanged."""
+    (no time stamp in the gzip header, no ``restored_from``), so republishing a restored
+    publication leaves it unchanged."""
     root, path = Path(run_dir), Path(path)
     lines = []
     for r in rows:
+        r = {k: v for k, v in r.items() if k != "restored_from"}  # a local path, and not what the rows say
         if r.get("row_type") == "job" and r.get("artifact"):
             try:
                 r = {**r, "artifact_payload": json.loads((root / r["artifact"]).read_text())}

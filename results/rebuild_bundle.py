@@ -19,7 +19,8 @@ hold is rebuilt or marked unknown, never invented:
 - predicted samples are not in any CSV: the figures drawn from them stay as published.
 
 Every rebuilt job row carries ``rebuilt_from``. ``--check`` restores the bundle into a scratch run,
-republishes it into a scratch directory, and compares every table and CSV with the published ones.
+republishes it into a scratch directory, and compares every table, CSV and the bundle itself with
+the published ones.
 """
 
 from __future__ import annotations
@@ -183,16 +184,19 @@ def check(pub: Path, data_dir: str | None) -> bool:
         cmd = [sys.executable, str(ROOT / "run_all.py")]
         subprocess.run([*cmd, "restore", "--suite", suite, "--profile", profile, "--from", str(pub),
                         "--run", str(run)], check=True, cwd=tmp)
-        subprocess.run([*cmd, "publish", "--suite", suite, "--profile", profile, "--run", str(run),
-                        "--out", str(out)] + (["--data-dir", data_dir] if data_dir else []),
-                       check=True, cwd=tmp, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        names = sorted(p.name for p in pub.iterdir() if p.suffix in (".md", ".tex", ".csv"))
+        done = subprocess.run([*cmd, "publish", "--suite", suite, "--profile", profile, "--run", str(run),
+                               "--out", str(out)] + (["--data-dir", data_dir] if data_dir else []),
+                              cwd=tmp, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{pub}: republishing failed: {done.stderr.strip()}")
+            return False
+        names = sorted(p.name for p in pub.iterdir() if p.suffix in (".md", ".tex", ".csv", ".gz"))
         same = True
         for name in names:
             if not (out / name).exists() or not filecmp.cmp(pub / name, out / name, shallow=False):
                 print(f"  differs: {name}")
                 same = False
-        print(f"{pub}: {len(names)} tables and CSVs {'identical' if same else 'NOT identical'} on republishing")
+        print(f"{pub}: {len(names)} tables, CSVs and bundle {'identical' if same else 'NOT identical'} on republishing")
         return same
 
 

@@ -352,6 +352,23 @@ def test_a_publication_restores_into_a_new_run_that_skips_its_jobs_and_republish
     bad = run_cli("restore", "--suite", "table1", "--profile", "smoke", "--from", str(tmp_path / "nowhere"), "--run", str(again))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no bundle at" in bad.stderr
 
+    # a fresh run that never restored the publication may not publish over it: its tables would lose jobs
+    lone = tmp_path / "lone-run"
+    assert run_cli(*sweep, "--out", str(lone), "--seeds", "2", "--methods", "static").returncode == 0
+    r = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(lone), "--out", str(out))
+    assert r.returncode == 2 and "publishes 4 jobs the run does not hold" in r.stderr and "restore" in r.stderr
+    # nor is a run restored into while a sweep runs in it (the sweep would take restored attempts for its own)
+    from harness.store import RunStore
+
+    held = RunStore(lone).claim("ou/paired|static|smoke|seed=3|x")
+    try:
+        r = run_cli("restore", "--suite", "table1", "--profile", "smoke", "--from", str(out), "--run", str(lone))
+        assert r.returncode == 2 and f"a sweep is running in {lone} (pid {os.getpid()}" in r.stderr
+    finally:
+        held.close()
+    r = run_cli("restore", "--suite", "table1", "--profile", "quick", "--from", str(out), "--run", str(lone))
+    assert r.returncode == 2 and "holds smoke rows, not quick ones" in r.stderr
+
 
 def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
     out = str(tmp_path / "r")

@@ -150,10 +150,36 @@ def test_a_file_that_is_not_a_bundle_is_refused_with_its_name(tmp_path):
         fh.write('{"some": "json"}\n')
     with pytest.raises(PopbenchError, match="line 1 is not a job or target row"):
         store.restore_bundle(tmp_path / "other.gz")
-    # a curves file that would land outside the run's artifacts/ is refused, and nothing is written
-    with gzip.open(tmp_path / "escape.gz", "wt") as fh:
-        fh.write(json.dumps({**_job("a", "ok", 1.0, "x1"), "artifact": "../../evil.json",
-                             "artifact_payload": {"x": 1}}) + "\n")
-    with pytest.raises(PopbenchError, match="not a file under artifacts/"):
-        store.restore_bundle(tmp_path / "escape.gz")
-    assert not (tmp_path / "evil.json").exists() and store.read_rows() == []
+    # a bad attempt anywhere in a bundle: nothing of it is written, not even its good attempts
+    good = {**_job("a", "ok", 1.0, "x1"), "profile": "quick"}
+    with gzip.open(tmp_path / "half.gz", "wt") as fh:
+        for row in (good, {**_job("b", "ok", 1.0, "y1"), "profile": "quick"},
+                    {**_job("b", "ok", 2.0, "y1"), "profile": "quick"}):
+            fh.write(json.dumps(row) + "\n")
+    with pytest.raises(PopbenchError, match="attempt y1 has 2 job rows"):
+        store.restore_bundle(tmp_path / "half.gz")
+    assert store.read_rows() == []
+    # rows of another profile than the one asked for
+    with gzip.open(tmp_path / "paper.gz", "wt") as fh:
+        fh.write(json.dumps({**good, "profile": "paper"}) + "\n")
+    with pytest.raises(PopbenchError, match="holds paper rows, not quick ones"):
+        store.restore_bundle(tmp_path / "paper.gz", profile="quick")
+    assert store.read_rows() == []
+
+
+def test_a_restored_attempt_s_files_get_a_sweep_s_names_whatever_the_bundle_says(tmp_path):
+    import gzip
+
+    src = RunStore(tmp_path / "src")
+    _attempt(src, "a", "x1", 0.5, curve=[1.0, 2.0])  # a real attempt, whose curves must survive
+    with gzip.open(tmp_path / "b.gz", "wt") as fh:  # a bundle naming that file, and one outside the run
+        fh.write(json.dumps({**_job("b", "ok", 1.0, "y1"), "artifact": src.read_rows()[0]["artifact"],
+                             "artifact_payload": {"loss_curve": [9.0]}, "predictions": "../../../etc/passwd"}) + "\n")
+        fh.write(json.dumps({**_job("c", "ok", 1.0, "z1"), "artifact": "../../evil.json",
+                             "artifact_payload": {"loss_curve": [8.0]}}) + "\n")
+    assert src.restore_bundle(tmp_path / "b.gz") == (2, 0)
+    jobs = {r["attempt_id"]: r for r in src.read_rows() if r["row_type"] == "job"}
+    assert json.loads((src.root / jobs["x1"]["artifact"]).read_text())["loss_curve"] == [1.0, 2.0]
+    assert jobs["y1"]["artifact"] == "artifacts/y1_b.json" and jobs["y1"]["predictions"] == "artifacts/y1_b.npz"
+    assert json.loads((src.root / jobs["z1"]["artifact"]).read_text())["loss_curve"] == [8.0]
+    assert not (tmp_path / "evil.json").exists()

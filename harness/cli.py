@@ -280,6 +280,23 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
     print(f"Tables (Markdown, LaTeX, CSV) written to {out_dir}", file=stream)
 
 
+def _note_published(plan, store, suite: str, profile: str) -> None:
+    """Say so when a suite's sweep is about to rerun jobs its publication already holds (a fresh
+    clone's run is empty): a reproduction, or hours spent by mistake, which ``restore`` avoids."""
+    from harness.store import BUNDLE, read_bundle
+
+    bundle = Path("results") / profile / suite / BUNDLE
+    if not bundle.exists():
+        return
+    published = {r["job_id"] for r in read_bundle(bundle) if r["row_type"] == "job" and r.get("status") == "ok"}
+    done = store.done_job_ids()
+    again = [j for j in plan.jobs if j.job_id in published and j.job_id not in done]
+    if again:
+        print(f"note: {bundle.parent} already publishes {len(again)} of these {len(plan.jobs)} jobs, and this run "
+              f"does not hold them: they run again (a reproduction); `python run_all.py restore --suite {suite} "
+              f"--profile {profile}` first would skip them", file=sys.stderr)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from harness.store import RunStore
     from harness.sweep import default_run_dir, held_by, parse_overrides, parse_seeds, plan_jobs, run_plan
@@ -303,6 +320,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = RunStore(run_dir)
     for s in plan.skipped_pairs:
         print(f"note: not offered: {s}", file=sys.stderr)
+    if args.suite:
+        _note_published(plan, store, args.suite, args.profile)
     if args.dry_run:
         from tabulate import tabulate
 

@@ -370,6 +370,20 @@ def test_a_publication_restores_into_a_new_run_that_skips_its_jobs_and_republish
     assert r.returncode == 2 and "holds smoke rows, not quick ones" in r.stderr
 
 
+def test_a_suite_sweep_says_when_it_would_rerun_published_jobs_its_run_lacks(tmp_path):
+    suite = ("--suite", "table1", "--profile", "smoke", "--tasks", "gf_sde/quadratic-paired", "--methods", "static",
+             "--seeds", "0", "--no-progress")
+    assert run_cli(*suite, "--out", str(tmp_path / "first"), cwd=tmp_path).returncode == 0
+    r = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(tmp_path / "first"), cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "results/smoke/table1/rows.jsonl.gz").exists(), r.stderr
+    fresh = str(tmp_path / "fresh")
+    r = run_cli(*suite, "--out", fresh, "--dry-run", cwd=tmp_path)
+    assert "results/smoke/table1 already publishes 1 of these 1 jobs" in r.stderr and "restore" in r.stderr
+    assert run_cli("restore", "--suite", "table1", "--profile", "smoke", "--run", fresh, cwd=tmp_path).returncode == 0
+    r = run_cli(*suite, "--out", fresh, "--dry-run", cwd=tmp_path)
+    assert "already publishes" not in r.stderr and "1 jobs, 1 done, 0 to run" in r.stdout
+
+
 def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
     out = str(tmp_path / "r")
     r = run_cli("--suite", "table4", "--dry-run", "--out", out)

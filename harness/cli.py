@@ -274,6 +274,7 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
     tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
                           profile=profile, paper_tables=_paper_tables(families),
                           paper_averages=_task_attr(families, "paper_averages", {}),
+                          column_averages=_task_attr(families, "column_averages", {}),
                           protocols=_task_attr(families, "table_protocol", ""), notes=notes)
     for t in tables:
         print("\n" + t.markdown(), file=stream)

@@ -381,6 +381,10 @@ class Task(abc.ABC):
     """Column group -> the variants whose mean the paper's family-level number is (Table 1's five
     SDEs, Table 3's three holdouts). A cell that lacks one of them is not compared with it. Empty:
     the group's number is compared with whatever variants every method's cell averages."""
+    column_averages: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Column key -> the variants a family-level cell of that column averages by definition,
+    whether or not the paper publishes it (EB's mean over the three holdouts). A cell over fewer is
+    labelled ``(k of K variants)``, as when a run holds only some of them."""
     table_protocol: ClassVar[str] = ""
     """How the table's numbers are made, for its caption (which start, which targets each column
     averages), e.g. ``"one rollout from t0; Train W1 = mean over t1..t9, Forecast W1 = over

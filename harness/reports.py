@@ -251,6 +251,7 @@ def build_table(
     note: str = "",
     paper_averages: dict[str, Sequence[str]] | None = None,
     protocol: str = "",
+    column_averages: dict[str, Sequence[str]] | None = None,
 ) -> Table:
     """The family's table (or its per-variant table) from a cells frame of that family. The
     caption names the hardware its jobs ran on (``hardware`` overrides).
@@ -259,7 +260,9 @@ def build_table(
     jobs feed) says so, ``(1 of 5 variants)``, and is neither ranked nor compared with the paper:
     a mean over the easy variants alone must not pass for the family's. Nor is a cell compared
     whose variants miss one that the paper's number averages (``paper_averages``: column group ->
-    variants, ``Task.paper_averages``), e.g. a run of 2 of Table 1's 5 SDEs."""
+    variants, ``Task.paper_averages``), e.g. a run of 2 of Table 1's 5 SDEs, or that lacks one of
+    the variants its column averages by definition (``column_averages``: column key -> variants,
+    ``Task.column_averages``), e.g. eb300's mean over 2 of its 3 holdouts."""
     fam = cells[cells.task == family]
     if hardware is None:
         hardware = hardware_caption(fam)
@@ -298,6 +301,7 @@ def build_table(
         if short(s, ck):
             return len(have), len(have) + short(s, ck)
         needed = set((paper_averages or {}).get(ck[0], ())) if paper_has(ck) else set()
+        needed |= set((column_averages or {}).get(ck[1], ())) if not by_variant else set()
         return (len(have & needed), len(needed)) if not needed <= have else None
 
     def stat(method, variant, group, key):
@@ -541,6 +545,7 @@ def write_report(
     hardware: str | None = None,
     paper_tables: dict[str, dict] | None = None,
     paper_averages: dict[str, dict] | None = None,
+    column_averages: dict[str, dict] | None = None,
     protocols: dict[str, str] | None = None,
     per_variant_families: Sequence[str] = ("gf_sde",),
     notes: dict[str, str] | None = None,
@@ -556,6 +561,7 @@ def write_report(
             t = build_table(cells, family, by_variant=by_variant, compare=compare, paper_table=pt,
                             method_order=method_order, profile=profile, hardware=hardware,
                             note=(notes or {}).get(family, ""), paper_averages=(paper_averages or {}).get(family),
+                            column_averages=(column_averages or {}).get(family),
                             protocol=(protocols or {}).get(family, ""))
             stem = family + ("_per_variant" if by_variant else "")
             (out / f"{stem}.md").write_text(t.markdown())

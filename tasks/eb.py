@@ -92,6 +92,7 @@ class EB(Task):
     )
     paper_table = {"": (3, "leave-one-out")}
     paper_averages = {"": tuple(f"holdout-{h}" for h in HOLDOUTS)}  # Table 3's mean column
+    column_averages = {"w1_mean_holdouts": tuple(f"holdout-{h}" for h in HOLDOUTS)}  # eb300's too
     _file = EB_FILE
     _paper_variant: str | None = "leave-one-out"
 

@@ -243,3 +243,22 @@ def test_a_per_holdout_column_is_not_labelled_short_only_the_mean_the_paper_publ
     two = [r for r in rows if r["variant"] != "holdout-3"]
     t = build_table(cells_frame(two), "eb", paper_table=EB.paper_table, paper_averages=EB.paper_averages)
     assert [("variants)" in c) for c in dict(t.rows)["am"]] == [False, False, True]  # h=1, h=2, mean
+
+
+def test_eb300_s_mean_over_fewer_holdouts_says_so_though_the_paper_has_no_number_for_it():
+    """The stand-in has no published column, but its mean is still defined over h = 1, 2, 3: a
+    run that holds 2 holdouts (e.g. a sweep whose third job runs elsewhere) must not print their
+    mean as the mean."""
+    from tasks.eb import EB300
+
+    rows = [_job("wlm", f"holdout-{h}", 0, {("", f"w1_holdout_{h}"): 0.9, ("", "w1_mean_holdouts"): 0.9},
+                 family="eb300") for h in (1, 2)]
+    t = build_table(cells_frame(rows), "eb300", paper_table=EB300.paper_table, paper_averages=EB300.paper_averages,
+                    column_averages=EB300.column_averages)
+    assert dict(t.rows)["wlm"][-1].endswith("(2 of 3 variants)")
+    assert not any("variants)" in c for c in dict(t.rows)["wlm"][:-1])
+    full = rows + [_job("wlm", "holdout-3", 0, {("", "w1_holdout_3"): 0.9, ("", "w1_mean_holdouts"): 0.9},
+                        family="eb300")]
+    t = build_table(cells_frame(full), "eb300", paper_table=EB300.paper_table, paper_averages=EB300.paper_averages,
+                    column_averages=EB300.column_averages)
+    assert not any("variants)" in c for c in dict(t.rows)["wlm"])

@@ -273,7 +273,6 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
     notes = _merge_notes(_task_attr(families, "table_note", ""), extra_notes or {})
     tables = write_report(job_rows, target_rows, out_dir, compare=compare, method_order=method_order,
                           profile=profile, paper_tables=_paper_tables(families),
-                          paper_averages=_task_attr(families, "paper_averages", {}),
                           column_averages=_task_attr(families, "column_averages", {}),
                           protocols=_task_attr(families, "table_protocol", ""), notes=notes)
     for t in tables:

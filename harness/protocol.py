@@ -377,14 +377,12 @@ class Task(abc.ABC):
     """Family-level comparison with the paper: column group -> (paper table number, paper variant
     name in ``paper_results.csv``), e.g. ``{"paired": (1, "mean-of-5/paired")}``. Empty when the
     family has no published counterpart (the ``eb300`` stand-in, the toy task)."""
-    paper_averages: ClassVar[dict[str, tuple[str, ...]]] = {}
-    """Column group -> the variants whose mean the paper's family-level number is (Table 1's five
-    SDEs, Table 3's three holdouts). A cell that lacks one of them is not compared with it. Empty:
-    the group's number is compared with whatever variants every method's cell averages."""
-    column_averages: ClassVar[dict[str, tuple[str, ...]]] = {}
-    """Column key -> the variants a family-level cell of that column averages by definition,
-    whether or not the paper publishes it (EB's mean over the three holdouts). A cell over fewer is
-    labelled ``(k of K variants)``, as when a run holds only some of them."""
+    column_averages: ClassVar[dict[tuple[str, str], tuple[str, ...]]] = {}
+    """Column (group, key) -> the variants a family-level cell of that column averages by
+    definition, as the paper's number does where it publishes one (Table 1's five SDEs per group,
+    EB's mean over the three holdouts, eb300's too). A cell over fewer is labelled ``(k of K
+    variants)`` and not compared with the paper. A column not named here averages whatever
+    variants the methods' cells have."""
     table_protocol: ClassVar[str] = ""
     """How the table's numbers are made, for its caption (which start, which targets each column
     averages), e.g. ``"one rollout from t0; Train W1 = mean over t1..t9, Forecast W1 = over

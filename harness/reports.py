@@ -249,9 +249,8 @@ def build_table(
     hardware: str | None = None,
     digits: int = 3,
     note: str = "",
-    paper_averages: dict[str, Sequence[str]] | None = None,
     protocol: str = "",
-    column_averages: dict[str, Sequence[str]] | None = None,
+    column_averages: dict[tuple[str, str], Sequence[str]] | None = None,
 ) -> Table:
     """The family's table (or its per-variant table) from a cells frame of that family. The
     caption names the hardware its jobs ran on (``hardware`` overrides).
@@ -259,16 +258,14 @@ def build_table(
     A family-level cell that averages fewer variants than its column has (those any method's ok
     jobs feed) says so, ``(1 of 5 variants)``, and is neither ranked nor compared with the paper:
     a mean over the easy variants alone must not pass for the family's. Nor is a cell compared
-    whose variants miss one that the paper's number averages (``paper_averages``: column group ->
-    variants, ``Task.paper_averages``), e.g. a run of 2 of Table 1's 5 SDEs, or that lacks one of
-    the variants its column averages by definition (``column_averages``: column key -> variants,
-    ``Task.column_averages``), e.g. eb300's mean over 2 of its 3 holdouts."""
+    whose variants miss one that its column averages by definition, as the paper's number does
+    (``column_averages``: (group, key) -> variants, ``Task.column_averages``), e.g. a run of 2 of
+    Table 1's 5 SDEs, or eb300's mean over 2 of its 3 holdouts."""
     fam = cells[cells.task == family]
     if hardware is None:
         hardware = hardware_caption(fam)
     agg = aggregate(fam, by_variant=by_variant)
-    published = load_paper_results()  # also without --compare: which columns the paper publishes
-    paper = published if compare == "paper" else None
+    paper = load_paper_results() if compare == "paper" else None
     paper_table = paper_table or {}
     # column order: first appearance in the job cells
     ok = fam.dropna(subset=["key"])
@@ -289,19 +286,14 @@ def build_table(
             return 0
         return len(feeds.get((family, *ck), set()) - set(str(s["variants"]).split()))
 
-    def paper_has(ck) -> bool:
-        """The paper publishes a family-level number for this column (for some method)."""
-        return not by_variant and not _paper_column(published, family, paper_table, ck).empty
-
     def uncovered(s, ck) -> tuple[int, int] | None:
         """(k, K) when a family-level cell averages k of the K variants it should (its column's,
-        or, for a column the paper publishes, those its number averages), else None: such a
-        cell is not compared with the paper."""
+        or those the column averages by definition), else None: such a cell is not compared with
+        the paper."""
         have = set(str(s["variants"]).split())
         if short(s, ck):
             return len(have), len(have) + short(s, ck)
-        needed = set((paper_averages or {}).get(ck[0], ())) if paper_has(ck) else set()
-        needed |= set((column_averages or {}).get(ck[1], ())) if not by_variant else set()
+        needed = set((column_averages or {}).get(ck, ())) if not by_variant else set()
         return (len(have & needed), len(needed)) if not needed <= have else None
 
     def stat(method, variant, group, key):
@@ -544,7 +536,6 @@ def write_report(
     profile: str = "",
     hardware: str | None = None,
     paper_tables: dict[str, dict] | None = None,
-    paper_averages: dict[str, dict] | None = None,
     column_averages: dict[str, dict] | None = None,
     protocols: dict[str, str] | None = None,
     per_variant_families: Sequence[str] = ("gf_sde",),
@@ -560,8 +551,7 @@ def write_report(
         for by_variant in (False, True) if family in per_variant_families else (False,):
             t = build_table(cells, family, by_variant=by_variant, compare=compare, paper_table=pt,
                             method_order=method_order, profile=profile, hardware=hardware,
-                            note=(notes or {}).get(family, ""), paper_averages=(paper_averages or {}).get(family),
-                            column_averages=(column_averages or {}).get(family),
+                            note=(notes or {}).get(family, ""), column_averages=(column_averages or {}).get(family),
                             protocol=(protocols or {}).get(family, ""))
             stem = family + ("_per_variant" if by_variant else "")
             (out / f"{stem}.md").write_text(t.markdown())

@@ -108,7 +108,7 @@ def test_a_cell_over_fewer_variants_than_its_column_is_marked_unranked_and_not_c
     rows = [_job("wlm", f"{p}-paired", s, {col: 0.2}, family="gf_sde") for p in POTENTIALS for s in (0, 1)]
     rows += [_job("nn_appex", "bohachevsky-paired", s, {col: 0.08 + 0.001 * s}, family="gf_sde") for s in (0, 1)]
     t = build_table(cells_frame(rows), "gf_sde", compare="paper", paper_table=GFSDE.paper_table,
-                    paper_averages=GFSDE.paper_averages)
+                    column_averages=GFSDE.column_averages)
     cells = dict(t.rows)
     assert cells["nn_appex"][0].startswith("0.081 ± 0.001 (1 of 5 variants) [paper ")
     assert ": not compared, 1 of 5 variants]" in cells["nn_appex"][0] and "✓" not in cells["nn_appex"][0]
@@ -118,11 +118,11 @@ def test_a_cell_over_fewer_variants_than_its_column_is_marked_unranked_and_not_c
     # every method on 2 of the 5 SDEs (a run with --tasks): nothing is compared with the 5-SDE mean
     two = [r for r in rows if r["variant"] in ("quadratic-paired", "styblinski_tang-paired")]
     t = build_table(cells_frame(two), "gf_sde", compare="paper", paper_table=GFSDE.paper_table,
-                    paper_averages=GFSDE.paper_averages)
+                    column_averages=GFSDE.column_averages)
     cell = dict(t.rows)["wlm"][0]
     assert cell.startswith("**0.200 ± 0.000** (2 of 5 variants) [paper")  # labelled, still ranked: all have 2
     assert "not compared, 2 of 5 variants]" in cell
-    plain = build_table(cells_frame(two), "gf_sde", paper_table=GFSDE.paper_table, paper_averages=GFSDE.paper_averages)
+    plain = build_table(cells_frame(two), "gf_sde", paper_table=GFSDE.paper_table, column_averages=GFSDE.column_averages)
     assert "(2 of 5 variants)" in dict(plain.rows)["wlm"][0]  # said without --compare too
     assert not any("cells disagree" in f for f in t.footnotes)
     assert any(f.startswith("not compared = ") for f in t.footnotes)
@@ -238,10 +238,10 @@ def test_a_per_holdout_column_is_not_labelled_short_only_the_mean_the_paper_publ
 
     rows = [_job("am", f"holdout-{h}", s, {("", f"w1_holdout_{h}"): 0.9, ("", "w1_mean_holdouts"): 0.9}, family="eb")
             for h in (1, 2, 3) for s in (0, 1)]
-    t = build_table(cells_frame(rows), "eb", paper_table=EB.paper_table, paper_averages=EB.paper_averages)
+    t = build_table(cells_frame(rows), "eb", paper_table=EB.paper_table, column_averages=EB.column_averages)
     assert not any("variants)" in c for c in dict(t.rows)["am"])
     two = [r for r in rows if r["variant"] != "holdout-3"]
-    t = build_table(cells_frame(two), "eb", paper_table=EB.paper_table, paper_averages=EB.paper_averages)
+    t = build_table(cells_frame(two), "eb", paper_table=EB.paper_table, column_averages=EB.column_averages)
     assert [("variants)" in c) for c in dict(t.rows)["am"]] == [False, False, True]  # h=1, h=2, mean
 
 
@@ -253,12 +253,10 @@ def test_eb300_s_mean_over_fewer_holdouts_says_so_though_the_paper_has_no_number
 
     rows = [_job("wlm", f"holdout-{h}", 0, {("", f"w1_holdout_{h}"): 0.9, ("", "w1_mean_holdouts"): 0.9},
                  family="eb300") for h in (1, 2)]
-    t = build_table(cells_frame(rows), "eb300", paper_table=EB300.paper_table, paper_averages=EB300.paper_averages,
-                    column_averages=EB300.column_averages)
+    t = build_table(cells_frame(rows), "eb300", paper_table=EB300.paper_table, column_averages=EB300.column_averages)
     assert dict(t.rows)["wlm"][-1].endswith("(2 of 3 variants)")
     assert not any("variants)" in c for c in dict(t.rows)["wlm"][:-1])
     full = rows + [_job("wlm", "holdout-3", 0, {("", "w1_holdout_3"): 0.9, ("", "w1_mean_holdouts"): 0.9},
                         family="eb300")]
-    t = build_table(cells_frame(full), "eb300", paper_table=EB300.paper_table, paper_averages=EB300.paper_averages,
-                    column_averages=EB300.column_averages)
+    t = build_table(cells_frame(full), "eb300", paper_table=EB300.paper_table, column_averages=EB300.column_averages)
     assert not any("variants)" in c for c in dict(t.rows)["wlm"])

@@ -284,8 +284,9 @@ def _note_published(plan, store, suite: str, profile: str) -> None:
     """Say so when a suite's sweep is about to rerun jobs its publication already holds (a fresh
     clone's run is empty): a reproduction, or hours spent by mistake, which ``restore`` avoids."""
     from harness.store import BUNDLE, read_bundle
+    from harness.suites import published_dir
 
-    bundle = Path("results") / profile / suite / BUNDLE
+    bundle = published_dir(suite, profile) / BUNDLE
     if not bundle.exists():
         return
     published = {r["job_id"] for r in read_bundle(bundle) if r["row_type"] == "job" and r.get("status") == "ok"}
@@ -515,13 +516,13 @@ def cmd_publish(argv: Sequence[str]) -> int:
     from harness import registry
     from harness.figures import curves_csv, draw_curves, rollout_figure, stored_curves
     from harness.store import BUNDLE, partial_label, write_bundle
-    from harness.suites import REFERENCE, get_suite, run_name
+    from harness.suites import REFERENCE, get_suite, published_dir, run_name
     from harness.sweep import default_run_dir, parse_seeds
 
     args = _publish_parser().parse_args(argv)
     suite = get_suite(args.suite)
     run_dir = Path(args.run) if args.run else default_run_dir(run_name(args.suite, args.profile), args.profile)
-    out = Path(args.out or Path("results") / args.profile / args.suite)
+    out = Path(args.out) if args.out else published_dir(args.suite, args.profile)
     rows = [r for r in _stored_rows(run_dir, f"run `python run_all.py --suite {args.suite} --profile "
                                               f"{args.profile}` first") if r["profile"] == args.profile]
     _keeps_published_jobs(out / BUNDLE, rows, args.suite, args.profile)
@@ -599,12 +600,12 @@ def cmd_publish(argv: Sequence[str]) -> int:
 
 def cmd_restore(argv: Sequence[str]) -> int:
     from harness.store import BUNDLE, RunStore
-    from harness.suites import get_suite, run_name
+    from harness.suites import get_suite, published_dir, run_name
     from harness.sweep import default_run_dir, held_by
 
     args = _restore_parser().parse_args(argv)
     get_suite(args.suite)
-    source = Path(args.source or Path("results") / args.profile / args.suite)
+    source = Path(args.source) if args.source else published_dir(args.suite, args.profile)
     run_dir = Path(args.run) if args.run else default_run_dir(run_name(args.suite, args.profile), args.profile)
     store = RunStore(run_dir)
     busy = store.live_claims()

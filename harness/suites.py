@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness.protocol import PopbenchError
 
@@ -72,6 +73,12 @@ def get_suite(name: str) -> Suite:
 def run_name(suite: str, profile: str) -> str:
     """The run a suite writes to (``results/runs/<profile>-<suite>``) and ``publish`` reads from."""
     return f"{profile}-{suite}"
+
+
+def published_dir(suite: str, profile: str) -> Path:
+    """Where ``publish`` writes a suite's tables and bundle, ``restore`` reads them back, and a
+    suite's sweep looks for jobs already published: ``results/<profile>/<suite>``."""
+    return Path("results") / profile / suite
 
 
 def _restrict(given: str | None, full: str, expand, what: str, suite: str) -> str:

@@ -48,6 +48,10 @@ than the shortest training step is split into equal steps no longer than that st
 transition was only ever calibrated at the training steps). Noise comes from ``predict``'s seed;
 prediction is NumPy (the potential's weights are stored as arrays).
 
+Checkpoints: given the harness's ``checkpoint_path``, the state after every outer iteration is
+saved (``harness/checkpoint.py``), and a rerun of an interrupted job continues from it exactly as
+the uninterrupted fit would.
+
 Known behaviour (measured, issue-6 report): on *unpaired* marginals the E-step inflates σ̂². Two
 independent finite samples of consecutive marginals need extra transport that a true coupling
 would not (sampling noise), so even with the true drift the map σ²_ref → σ̂² has its fixed point
@@ -68,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import checkpoint
 from harness.protocol import (
     Capabilities, Marginal, Method, Prediction, TrainData, require, require_at_least, require_choice, require_positive,
     resolve_hparams,
@@ -560,6 +565,30 @@ def euler_maruyama(
 
 
 # --------------------------------------------------------------------------------------------------
+# Checkpoints: a paper-profile fit is 10-30 CPU-minutes on gf_sde and hours on Boids. With the
+# harness's checkpoint path, the state after every outer iteration is saved, and a rerun of an
+# interrupted job continues from there exactly as the uninterrupted fit (tests/test_nn_appex.py).
+# --------------------------------------------------------------------------------------------------
+PROGRESS_MINUTES = 1.0  # at most one progress line on stderr per this many minutes
+
+
+def _code_id() -> str:
+    """The training code a checkpoint stretch ran (this module's source and torch's version)."""
+    return checkpoint.code_id(__file__)
+
+
+def _progress(method: Method, done: int, done_here: int, seconds: float, sigma2: float, *, saved: bool) -> None:
+    """One line on stderr: where a long fit is."""
+    import sys
+
+    total = int(method.hparams["n_outer"])
+    rate = seconds / max(done_here, 1)
+    print(f"[nn_appex seed {method.seed}] outer iteration {done} of {total} ({100.0 * done / total:.0f}%), "
+          f"sigma2 {sigma2:.4g}, {rate:.0f} s/iteration, ~{(total - done) * rate / 60:.0f} min left"
+          + (", checkpoint saved" if saved else ""), file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------
 
@@ -573,6 +602,10 @@ class NNAPPEX(Method):
     record_history = False
     """Diagnostics: set True on an instance before ``fit`` to keep the potential's weights of every
     outer iteration in ``_params_per_iter`` (e.g. to compute the drift error per iteration)."""
+
+    on_outer_iteration: Callable[[int], None] | None = None
+    """Tests and experiments: called with the number of outer iterations done after each one
+    (after its checkpoint is saved)."""
 
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
@@ -616,7 +649,26 @@ class NNAPPEX(Method):
         self._trace: dict[str, list] = {
             k: [] for k in ("sigma2", "ipf_sweeps", "ipf_err", "drift_loss", "t_ipf", "t_paths", "t_drift", "t_sigma2")
         }
-        for it in range(int(hp["n_outer"])):
+        # Resume from this job's checkpoint (one per finished outer iteration) when it holds this fit.
+        ckpt = self.checkpoint_path
+        fingerprint = checkpoint.fingerprint(self, data)
+        state = checkpoint.load(ckpt, fingerprint, "nn-APPEX")
+        trained_by = checkpoint.CodeTrail(_code_id(), unit="outer iteration")
+        resumed_at: list[int] = []
+        first = 0
+        if state is not None:
+            first = int(state["outer_done"])
+            sigma2 = float(state["sigma2"])
+            params = state["params"]
+            potentials = [None if p is None else tuple(t.to(device) for t in p) for p in state["potentials"]]
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            self._trace = {k: list(v) for k, v in state["trace"].items()}
+            self._params_per_iter = list(state["params_per_iter"])
+            resumed_at = [*state["resumed_at"], first]
+            trained_by.resume(state.get("trained_by"), first, "nn-APPEX", ckpt)
+        t_start = last_line = time.perf_counter()
+        for it in range(first, int(hp["n_outer"])):
             paths, sweeps, err, t_ipf, t_paths = _estep(xs, dts, sigma2, params, potentials, hp, gen, device, dtype)
             P = paths.cpu().double().numpy()  # (n_paths, K+1, d)
             x0 = P[:, :-1].reshape(-1, d)
@@ -653,7 +705,22 @@ class NNAPPEX(Method):
                 ("t_sigma2", t2 - t1),
             ):
                 self._trace[key].append(float(val) if key != "ipf_sweeps" else int(val))
+            if ckpt is not None:
+                checkpoint.save(ckpt, {
+                    "fingerprint": fingerprint, "outer_done": it + 1, "sigma2": sigma2, "params": params,
+                    "potentials": [None if p is None else tuple(t.cpu() for t in p) for p in potentials],
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "trace": self._trace,
+                    "params_per_iter": self._params_per_iter, "resumed_at": resumed_at,
+                    "trained_by": trained_by.state(),
+                })
+            if time.perf_counter() - last_line > 60.0 * PROGRESS_MINUTES:
+                last_line = time.perf_counter()
+                _progress(self, it + 1, it + 1 - first, last_line - t_start, sigma2, saved=ckpt is not None)
+            if self.on_outer_iteration is not None:  # tests: e.g. interrupt the fit here
+                self.on_outer_iteration(it + 1)
 
+        self._resumed_at = resumed_at
+        self._trained_by = trained_by
         self._params = [np.asarray(p, dtype=np.float64) for p in params]
         self._sigma2 = sigma2
         self._step_max = float(dts.min())
@@ -694,4 +761,7 @@ class NNAPPEX(Method):
                 "sigma2_update": tr["t_sigma2"],
             },
             "predict_step_max": float(self._step_max),
+            "resumed_at": ",".join(str(i) for i in self._resumed_at),  # outer iterations done at each resume
+            # one code id, or "from outer iteration I: code" per stretch when a resume changed the code
+            "trained_by": str(self._trained_by),
         }

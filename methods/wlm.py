@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from harness import checkpoint
 from harness.protocol import (
     Capabilities, DivergedError, Marginal, Method, Prediction, TrainData, curve, require, require_at_least,
     require_choice, resolve_hparams,
@@ -599,69 +599,9 @@ def _tensor(a: np.ndarray, device):
 CHECKPOINT_MINUTES = 5.0  # wall-clock minutes between checkpoints (and one when fit ends)
 
 
-def _fit_fingerprint(method: Method, data: TrainData) -> str:
-    """What a checkpoint must match to be resumed: the settings (less the budget keys), the seed
-    and the training data."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    hp = {k: v for k, v in method.hparams.items() if k not in method.budget_keys}
-    h.update(json.dumps([type(method).__name__, hp, method.seed], sort_keys=True, default=str).encode())
-    for m in data.marginals:
-        h.update(np.float64(m.t).tobytes())
-        h.update(np.ascontiguousarray(m.x, dtype=np.float64).tobytes())
-        if m.v is not None:
-            h.update(np.ascontiguousarray(m.v, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
 def _code_id() -> str:
-    """The training code a checkpoint segment ran: a hash of this module's source and torch's
-    version. A fit resumed under other code says so (``trained_by``) instead of passing a mix of
-    two versions off as one run."""
-    import hashlib
-    from pathlib import Path
-
-    import torch
-
-    return f"wlm.py {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}, torch {torch.__version__}"
-
-
-def _save_checkpoint(path, state: dict) -> None:
-    """Write atomically (a kill mid-write leaves the previous checkpoint intact)."""
-    import os
-    from pathlib import Path
-
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path, fingerprint: str) -> dict | None:
-    """The saved state, or None when there is none; one saved by another fit (other settings,
-    seed or data) is ignored with a warning and will be overwritten."""
-    from pathlib import Path
-
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:  # our own file (it holds NumPy's generator state, hence not weights_only)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a torn or foreign file must not kill the job
-        warnings.warn(f"ignoring unreadable WLM checkpoint {path}: {exc}", stacklevel=2)
-        return None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        warnings.warn(f"ignoring WLM checkpoint {path}: it belongs to another fit (settings, seed "
-                      "or data differ); training starts from scratch", stacklevel=2)
-        return None
-    return state
+    """The training code a checkpoint segment ran (this module's source and torch's version)."""
+    return checkpoint.code_id(__file__)
 
 
 def _progress(method: Method, it: int, total: int, losses, gammas, done_here: int, seconds: float,
@@ -792,10 +732,9 @@ class WLM(Method):
         # Resume from this job's checkpoint when the harness gave one and it holds this fit.
         losses, gammas, resumed_at, prior_s = [], [], [], 0.0
         ckpt = self.checkpoint_path
-        fingerprint = _fit_fingerprint(self, data)
-        state = _load_checkpoint(ckpt, fingerprint) if ckpt is not None else None
-        code = _code_id()
-        trained_by = [(0, code)]  # (first iteration, code) per stretch of training
+        fingerprint = checkpoint.fingerprint(self, data)
+        state = checkpoint.load(ckpt, fingerprint, "WLM")
+        trained_by = checkpoint.CodeTrail(_code_id())  # which code trained which iterations
         if state is not None:
             potential.load_state_dict(state["potential"])
             opt.load_state_dict(state["optimizer"])
@@ -811,22 +750,18 @@ class WLM(Method):
             losses, gammas = list(state["losses"]), list(state["gammas"])
             prior_s = float(state["fit_seconds"])
             resumed_at = [*state["resumed_at"], int(state["iteration"])]
-            trained_by = [tuple(seg) for seg in state.get("trained_by", [(0, "unrecorded")])]
-            if trained_by[-1][1] != code:
-                warnings.warn(f"WLM checkpoint {ckpt} was trained by other code ({trained_by[-1][1]}; now "
-                              f"{code}): the result will say so in trained_by", stacklevel=2)
-                trained_by.append((int(state["iteration"]), code))
+            trained_by.resume(state.get("trained_by"), int(state["iteration"]), "WLM", ckpt)
         it = int(state["iteration"]) if state is not None else 0
 
         def save_checkpoint() -> None:
-            _save_checkpoint(ckpt, {
+            checkpoint.save(ckpt, {
                 "fingerprint": fingerprint, "iteration": it,
                 "potential": potential.state_dict(), "optimizer": opt.state_dict(),
                 "ema": [e.detach().cpu() for e in ema],
                 "theta": theta.detach().cpu() if learn else None,
                 "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "losses": losses, "gammas": gammas, "resumed_at": resumed_at, "trained_by": trained_by,
+                "losses": losses, "gammas": gammas, "resumed_at": resumed_at, "trained_by": trained_by.state(),
                 "fit_seconds": prior_s + time.perf_counter() - t_start,
             })
 
@@ -930,8 +865,7 @@ class WLM(Method):
             "training_complete": bool(self._complete),
             "resumed_at": ",".join(str(i) for i in self._resumed_at),
             # one code id, or "from iteration I: code" per stretch when a resume changed the code
-            "trained_by": (self._trained_by[0][1] if len(self._trained_by) == 1 else
-                           "; ".join(f"from iteration {i}: {c}" for i, c in self._trained_by)),
+            "trained_by": str(self._trained_by),
             "fit_seconds": float(self._fit_seconds),
             "v0": self._v0_used,
             "grid_dt": float(self._grid_dt),

@@ -61,15 +61,19 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def load(path: str | Path | None, fp: str, what: str) -> dict[str, Any] | None:
+def load(path: str | Path | None, fp: str, what: str, expect: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The state saved at ``path`` when it holds the fit with fingerprint ``fp``, else None: no
-    file (or no path), an unreadable file, or another fit's, the last two with a warning naming
-    ``what`` (e.g. ``"WLM"``). A state saved by :func:`save` carries its fingerprint under
-    ``"fingerprint"``."""
+    file (or no path), an unreadable file, another fit's, or one whose entries differ from
+    ``expect`` (e.g. ``{"device": "cuda"}`` for a state that only that device can resume), the last
+    three with a warning naming ``what`` (e.g. ``"WLM"``). A state saved by :func:`save` carries its
+    fingerprint under ``"fingerprint"``."""
     import torch
 
     if path is None or not Path(path).exists():
@@ -83,6 +87,11 @@ def load(path: str | Path | None, fp: str, what: str) -> dict[str, Any] | None:
         warnings.warn(f"ignoring {what} checkpoint {path}: it belongs to another fit (settings, seed "
                       "or data differ); training starts from scratch", stacklevel=3)
         return None
+    for key, want in (expect or {}).items():
+        if state.get(key) != want:
+            warnings.warn(f"ignoring {what} checkpoint {path}: it was written with {key} {state.get(key)!r}, this "
+                          f"fit has {want!r}; training starts from scratch", stacklevel=3)
+            return None
     return state
 
 

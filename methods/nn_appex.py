@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -584,7 +585,7 @@ def _progress(method: Method, done: int, done_here: int, seconds: float, sigma2:
     total = int(method.hparams["n_outer"])
     rate = seconds / max(done_here, 1)
     print(f"[nn_appex seed {method.seed}] outer iteration {done} of {total} ({100.0 * done / total:.0f}%), "
-          f"sigma2 {sigma2:.4g}, {rate:.0f} s/iteration, ~{(total - done) * rate / 60:.0f} min left"
+          f"sigma2 {sigma2:.4g}, {rate:.1f} s/iteration, ~{(total - done) * rate / 60:.0f} min left"
           + (", checkpoint saved" if saved else ""), file=sys.stderr, flush=True)
 
 
@@ -650,22 +651,30 @@ class NNAPPEX(Method):
             k: [] for k in ("sigma2", "ipf_sweeps", "ipf_err", "drift_loss", "t_ipf", "t_paths", "t_drift", "t_sigma2")
         }
         # Resume from this job's checkpoint (one per finished outer iteration) when it holds this fit.
+        # The path generator's state is device-specific: a checkpoint of the other device is not resumed.
         ckpt = self.checkpoint_path
         fingerprint = checkpoint.fingerprint(self, data)
-        state = checkpoint.load(ckpt, fingerprint, "nn-APPEX")
+        dev_type = torch.device(device).type
+        state = checkpoint.load(ckpt, fingerprint, "nn-APPEX", expect={"device": dev_type})
         trained_by = checkpoint.CodeTrail(_code_id(), unit="outer iteration")
         resumed_at: list[int] = []
-        first = 0
+        first, prior_s = 0, 0.0
         if state is not None:
-            first = int(state["outer_done"])
-            sigma2 = float(state["sigma2"])
-            params = state["params"]
-            potentials = [None if p is None else tuple(t.to(device) for t in p) for p in state["potentials"]]
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            self._trace = {k: list(v) for k, v in state["trace"].items()}
-            self._params_per_iter = list(state["params_per_iter"])
-            resumed_at = [*state["resumed_at"], first]
+            try:  # everything read before anything is set: a checkpoint of another layout starts over
+                saved = (int(state["outer_done"]), float(state["sigma2"]), list(state["params"]),
+                         [None if p is None else tuple(t.to(device) for t in p) for p in state["potentials"]],
+                         {k: list(state["trace"][k]) for k in self._trace}, list(state["params_per_iter"]),
+                         float(state["fit_seconds"]), list(state["resumed_at"]))
+                gen.set_state(state["generator"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                warnings.warn(f"ignoring nn-APPEX checkpoint {ckpt}: unexpected contents ({exc!r}); training "
+                              "starts from scratch", stacklevel=2)
+                state = None
+        if state is not None:
+            first, sigma2, params, potentials, self._trace, history, prior_s, resumed = saved
+            # with record_history, entry i is outer iteration i: None where the saved fit kept none
+            self._params_per_iter = history if len(history) == first else [None] * first
+            resumed_at = [*resumed, first]
             trained_by.resume(state.get("trained_by"), first, "nn-APPEX", ckpt)
         t_start = last_line = time.perf_counter()
         for it in range(first, int(hp["n_outer"])):
@@ -709,9 +718,9 @@ class NNAPPEX(Method):
                 checkpoint.save(ckpt, {
                     "fingerprint": fingerprint, "outer_done": it + 1, "sigma2": sigma2, "params": params,
                     "potentials": [None if p is None else tuple(t.cpu() for t in p) for p in potentials],
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "trace": self._trace,
+                    "device": dev_type, "generator": gen.get_state(), "trace": self._trace,
                     "params_per_iter": self._params_per_iter, "resumed_at": resumed_at,
-                    "trained_by": trained_by.state(),
+                    "trained_by": trained_by.state(), "fit_seconds": prior_s + time.perf_counter() - t_start,
                 })
             if time.perf_counter() - last_line > 60.0 * PROGRESS_MINUTES:
                 last_line = time.perf_counter()
@@ -721,6 +730,7 @@ class NNAPPEX(Method):
 
         self._resumed_at = resumed_at
         self._trained_by = trained_by
+        self._fit_seconds = prior_s + time.perf_counter() - t_start
         self._params = [np.asarray(p, dtype=np.float64) for p in params]
         self._sigma2 = sigma2
         self._step_max = float(dts.min())
@@ -761,6 +771,7 @@ class NNAPPEX(Method):
                 "sigma2_update": tr["t_sigma2"],
             },
             "predict_step_max": float(self._step_max),
+            "fit_seconds": float(self._fit_seconds),  # every call of fit, resumed ones included
             "resumed_at": ",".join(str(i) for i in self._resumed_at),  # outer iterations done at each resume
             # one code id, or "from outer iteration I: code" per stretch when a resume changed the code
             "trained_by": str(self._trained_by),

@@ -335,3 +335,39 @@ def test_an_interrupted_fit_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match="another fit"):
         other.fit(data)
     assert other.learned()["resumed_at"] == ""
+
+
+def test_a_checkpoint_resumes_only_on_its_device_and_a_finished_one_is_not_retrained(tmp_path):
+    """The path generator's state is device-specific (a CUDA generator's does not fit a CPU one):
+    a checkpoint written on the other device starts the fit over, with a warning. A checkpoint of
+    a finished fit (a crash after fit) is not trained again."""
+    from harness import checkpoint
+    from tasks.ou import OU
+
+    data = OU("unpaired", seed=0).train_data().without_velocities()
+    hp = NNAPPEX.default_hparams("ou/unpaired", "smoke")
+    hp.update(n_outer=2, n_paths=100, epochs=1, width=8)
+    ckpt = tmp_path / "job.ckpt"
+    done = NNAPPEX(hp, seed=1)
+    done.checkpoint_path = ckpt
+    done.fit(data)
+    again = NNAPPEX(hp, seed=1)
+    again.checkpoint_path = ckpt
+    again.on_outer_iteration = lambda n: pytest.fail("a finished fit was trained again")
+    again.fit(data)
+    assert again.learned()["resumed_at"] == "2" and again.learned()["sigma2"] == done.learned()["sigma2"]
+    state = torch.load(ckpt, weights_only=False)
+    assert again.learned()["fit_seconds"] >= state["fit_seconds"] > 0  # the earlier call's time counts
+    checkpoint.save(ckpt, dict(state, device="cuda", generator=torch.zeros(16, dtype=torch.uint8)))
+    other = NNAPPEX(hp, seed=1)
+    other.checkpoint_path = ckpt
+    with pytest.warns(UserWarning, match="written with device 'cuda', this fit has 'cpu'"):
+        other.fit(data)
+    assert other.learned()["resumed_at"] == "" and other.learned()["sigma2"] == done.learned()["sigma2"]
+
+    checkpoint.save(ckpt, {k: v for k, v in state.items() if k != "trace"})  # another layout (older code)
+    older = NNAPPEX(hp, seed=1)
+    older.checkpoint_path = ckpt
+    with pytest.warns(UserWarning, match="unexpected contents"):
+        older.fit(data)
+    assert older.learned()["resumed_at"] == "" and older.learned()["sigma2"] == done.learned()["sigma2"]

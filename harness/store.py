@@ -415,6 +415,18 @@ def package_versions(names: Iterable[str] = ("numpy", "pot", "torch", "jax", "ge
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else whatever the platform reports ("" if nothing)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment() -> dict:
     return {
         "versions": package_versions(),
@@ -422,5 +434,6 @@ def environment() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "executable": sys.executable,
     }

@@ -183,3 +183,18 @@ def test_a_restored_attempt_s_files_get_a_sweep_s_names_whatever_the_bundle_says
     assert jobs["y1"]["artifact"] == "artifacts/y1_b.json" and jobs["y1"]["predictions"] == "artifacts/y1_b.npz"
     assert json.loads((src.root / jobs["z1"]["artifact"]).read_text())["loss_curve"] == [8.0]
     assert not (tmp_path / "evil.json").exists()
+
+
+def test_environment_names_the_cpu_model():
+    """environment.json says which CPU ran the jobs (the tables' captions only count its cores)."""
+    from pathlib import Path
+
+    from harness.store import environment
+
+    env = environment()
+    assert isinstance(env["cpu_model"], str)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.partition(":")[2].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        if names:
+            assert env["cpu_model"] == names[0]

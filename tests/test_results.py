@@ -95,3 +95,33 @@ def test_a_committed_publication_restores_and_republishes_to_the_same_tables(pub
     rebuild = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rebuild)
     assert rebuild.check(ROOT / published, None), capsys.readouterr().out
+
+
+def test_compare_tables_finds_each_moved_cell_in_units_of_se(tmp_path, capsys):
+    """results/compare_tables.py: a publication against itself is all equal (exit 0); a copy with one
+    cell moved by half its SE and one cell dropped is reported cell by cell, and --max-se fails it."""
+    pd = pytest.importorskip("pandas")
+    spec = importlib.util.spec_from_file_location("compare_tables", ROOT / "results" / "compare_tables.py")
+    compare_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_tables)
+    pub = ROOT / "results" / "quick" / "table2"
+    assert compare_tables.main([str(pub), str(pub), "--max-se", "0"]) == 0
+    table = pd.read_csv(pub / "vortex_aggregate.csv")
+    n = int(table["variant"].isna().sum())
+    assert f"{n} cells in both (vortex_aggregate.csv); {n} equal" in capsys.readouterr().out
+    row = table.index[(table.method == "am") & (table.key == "w1_holdout_5")][0]
+    se = table.loc[row, "se"]
+    table.loc[row, "mean"] += 0.5 * se
+    (tmp_path / "moved").mkdir()
+    table.to_csv(tmp_path / "moved" / "vortex_aggregate.csv", index=False)
+    assert compare_tables.main([str(pub), str(tmp_path / "moved"), "--max-se", "0.4"]) == 1
+    assert compare_tables.main([str(pub), str(tmp_path / "moved"), "--max-se", "0.6"]) == 0
+    table = table.drop(table.index[(table.method == "dice") & (table.key == "train_w1")])
+    table.to_csv(tmp_path / "vortex_aggregate.csv", index=False)
+    m = compare_tables.compare(pub, tmp_path)
+    moved = m[(m["side"] == "both") & (m["diff"] > 1e-9)]
+    assert list(zip(moved.method, moved.key)) == [("am", "w1_holdout_5")]
+    assert moved.diff_se.iloc[0] == pytest.approx(0.5)
+    assert list(zip(m[m.side == "left_only"].method, m[m.side == "left_only"].key)) == [("dice", "train_w1")]
+    assert compare_tables.main([str(pub), str(tmp_path), "--max-se", "1"]) == 1  # a cell is missing
+    assert compare_tables.main([str(pub), str(tmp_path)]) == 0

@@ -118,12 +118,11 @@ def _fit_predict(method_cls: type[Method], hparams: dict, data: TrainData, queri
         _fail(f"{method_cls.__name__} does not pickle before fit: {exc}")
     if method_cls.capabilities.requires_simulator:
         m.attach_simulator(task.simulator())
-    m.fit(data if method_cls.capabilities.uses_velocities else data.without_velocities())  # as the runner does
+    m.fit(method_cls.capabilities.shown(data))  # as the runner does
     outs = []
     for i, q in enumerate(queries):
         start, times = q.request()
-        if not method_cls.capabilities.uses_velocities:
-            start = start.without_velocities()
+        start = method_cls.capabilities.shown(start)
         times = tuple(t for t in times if _askable(method_cls, data, t))
         if not times:
             continue

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
@@ -197,6 +197,9 @@ class Prediction:
             object.__setattr__(self, "weights", tuple(np.asarray(w, dtype=np.float64) for w in self.weights))
 
 
+_D = TypeVar("_D", Marginal, TrainData)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a method declares it can do and needs. The harness never asks a method for what it
@@ -223,6 +226,12 @@ class Capabilities:
     @property
     def extra(self) -> str | None:
         return {"torch": "torch", "jax": "jax"}.get(self.framework)
+
+    def shown(self, data: _D) -> _D:
+        """``data`` (a :class:`TrainData` or a start :class:`Marginal`) as the harness hands it to
+        such a method: without velocities unless it declares ``uses_velocities``, so it cannot read
+        privileged velocities unmarked. The runner and the conformance check both go through here."""
+        return data if self.uses_velocities else data.without_velocities()
 
 
 Simulator = Callable[[Marginal, Sequence[float], int], list]

@@ -274,8 +274,7 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
         phase = "data"
         data = task.train_data()
         queries = task.queries()
-        if not method_cls.capabilities.uses_velocities:  # only a method marked (v) may see them
-            data = data.without_velocities()
+        data = method_cls.capabilities.shown(data)  # only a method marked (v) may see velocities
         method = method_cls(job.hparams, seed=job.seed, device=device)
         if job.checkpoint_path:
             method.checkpoint_path = Path(job.checkpoint_path)
@@ -295,8 +294,7 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
         starts_had_velocities = False
         for qi, q in enumerate(queries):
             start, times = q.request()
-            if not caps.uses_velocities:
-                start = start.without_velocities()
+            start = caps.shown(start)
             starts_had_velocities |= start.v is not None
             ask = [
                 (caps.interpolate if target_within_training(t, data) else caps.forecast) for t in times

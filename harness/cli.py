@@ -283,13 +283,13 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
 def _note_published(plan, store, suite: str, profile: str) -> None:
     """Say so when a suite's sweep is about to rerun jobs its publication already holds (a fresh
     clone's run is empty): a reproduction, or hours spent by mistake, which ``restore`` avoids."""
-    from harness.store import BUNDLE, read_bundle
+    from harness.store import BUNDLE, bundle_job_ids
     from harness.suites import published_dir
 
     bundle = published_dir(suite, profile) / BUNDLE
     if not bundle.exists():
         return
-    published = {r["job_id"] for r in read_bundle(bundle) if r["row_type"] == "job" and r.get("status") == "ok"}
+    published = bundle_job_ids(bundle, ok_only=True)
     done = store.done_job_ids()
     again = [j for j in plan.jobs if j.job_id in published and j.job_id not in done]
     if again:
@@ -500,12 +500,11 @@ def cmd_plot(argv: Sequence[str]) -> int:
 def _keeps_published_jobs(bundle: Path, rows: list[dict], suite: str, profile: str) -> None:
     """Refuse to publish over a publication whose jobs the run lacks (e.g. a fresh clone's run
     that was never restored): its tables would silently lose them."""
-    from harness.store import read_bundle
+    from harness.store import bundle_job_ids
 
     if not bundle.exists():
         return
-    here = {r.get("job_id") for r in rows}
-    lost = sorted({r["job_id"] for r in read_bundle(bundle) if r["row_type"] == "job"} - here)
+    lost = sorted(bundle_job_ids(bundle) - {r.get("job_id") for r in rows})
     if lost:
         raise PopbenchError(f"{bundle.parent} publishes {len(lost)} jobs the run does not hold (e.g. {lost[0]}): "
                             f"`python run_all.py restore --suite {suite} --profile {profile}` brings them into the "

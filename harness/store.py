@@ -385,6 +385,12 @@ def read_bundle(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def bundle_job_ids(path: str | os.PathLike, ok_only: bool = False) -> set[str]:
+    """The job ids a bundle publishes (with ``ok_only``, only those with an ok attempt)."""
+    return {r["job_id"] for r in read_bundle(path)
+            if r["row_type"] == "job" and (not ok_only or r.get("status") == "ok")}
+
+
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent.parent
     try:

@@ -173,7 +173,8 @@ def grad_potential(params: Sequence, x, lib=np):
     h = x
     for W, b in hidden:
         z = h @ W.T + b
-        s = 1.0 / (1.0 + lib.exp(-z))
+        with np.errstate(over="ignore"):  # z < -709 (a particle far off): exp → inf, s → 0, silu's exact limit
+            s = 1.0 / (1.0 + lib.exp(-z))
         cache.append((z, s))
         h = z * s
     delta = w_out
@@ -566,7 +567,7 @@ def euler_maruyama(
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: a paper-profile fit is 10-30 CPU-minutes on gf_sde and hours on Boids. With the
+# Checkpoints: a paper-profile fit is 12-20 CPU-minutes on gf_sde and 65-70 on Boids. With the
 # harness's checkpoint path, the state after every outer iteration is saved, and a rerun of an
 # interrupted job continues from there exactly as the uninterrupted fit (tests/test_nn_appex.py).
 # --------------------------------------------------------------------------------------------------

@@ -567,7 +567,7 @@ def euler_maruyama(
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: a paper-profile fit is 12-20 CPU-minutes on gf_sde and 65-70 on Boids. With the
+# Checkpoints: a paper-profile fit is 12-20 CPU-minutes on gf_sde and 65-71 on Boids. With the
 # harness's checkpoint path, the state after every outer iteration is saved, and a rerun of an
 # interrupted job continues from there exactly as the uninterrupted fit (tests/test_nn_appex.py).
 # --------------------------------------------------------------------------------------------------

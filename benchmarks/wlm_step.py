@@ -12,24 +12,31 @@ Three configurations of the `paper` profile (methods/wlm.py):
 
 For a fixed horizon k it prints seconds per *rollout step* (one integrator step = one force
 evaluation with graph, plus its share of Sinkhorn and backward), as CPU time of this process
-(`time.process_time`, what "CPU-s" means) and wall time, for two code paths measured in the same
+(`time.process_time`, what "CPU-s" means) and wall time, for three code paths measured in the same
 run on the same weights and data:
 
 - plain: what a straightforward implementation does: `nn.MultiheadAttention`'s default path
-  (`need_weights=True`), geomloss's `SamplesLoss` as is, and one more force evaluation after the
-  last position (it only updates a velocity nobody reads).
-- fast:  the path `WLM.fit` uses: packed projections; for head dimensions <= 32 an attention
-  core with a hand-written (itself differentiable) backward whose second derivative makes
-  fewer passes over the N x N matrices (the fused SDPA kernel has no double backward);
-  geomloss's own Sinkhorn algorithm with its no-grad soft-min evaluated in one reused buffer
-  and in base 2; no wasted force evaluation; gradients requested for the parameters only.
+  (`need_weights=True`), geomloss's `SamplesLoss` as is, one more force evaluation after the
+  last position (it only updates a velocity nobody reads), and the full gradient.
+- full:  the path `WLM.fit` uses with ``force_gradient = "full"`` (row ``wlm_full_gradient``):
+  packed projections; for head dimensions <= 32 an attention core with a hand-written (itself
+  differentiable) backward whose second derivative makes fewer passes over the N x N matrices
+  (the fused SDPA kernel has no double backward); geomloss's own Sinkhorn algorithm with its
+  no-grad soft-min evaluated in one reused buffer and in base 2; no wasted force evaluation;
+  gradients requested for the parameters only.
+- detached: the same path with ``force_gradient = "detached"`` (the default, row ``wlm``): every
+  force sees detached positions, so the backward pass never runs through the positions.
+
+The ratios printed are plain / full (what the fast path saves) and full / detached (what the
+full gradient costs over the reference code's truncated one).
 
 Like every harness job (``harness.runner.keep_freed_memory``), both paths run with glibc keeping
 freed memory for reuse; ``--no-keep-freed-memory`` measures them with glibc's defaults, under which
 fresh N x N buffers page-fault (the "sys" column: kernel CPU-s per step, included in CPU-s).
 
-Both paths compute the same loss and gradients up to float rounding (tests/test_wlm.py checks
-it in float64); the script prints the loss of each so a reader can see they agree. Timings are
+plain and full compute the same loss and gradients up to float rounding (tests/test_wlm.py checks
+it in float64); all three compute the same loss (the gradients differ between full and
+detached); the script prints the loss of each so a reader can see they agree. Timings are
 the minimum over the repeats (the least disturbed by other processes on a shared machine).
 
 Data: the real vortex files when ``POPBENCH_DATA_DIR`` (or ../shared/data) has them, else
@@ -108,15 +115,16 @@ def bench(n: int, k: int, repeats: int, device: str, seed: int = 0) -> dict:
     gamma0 = float(hp["friction"])
 
     out = {"n": n, "task": task, "data": label, "k": k, "steps": steps, "blur": blur}
-    for path in ("plain", "fast"):
+    for path in ("plain", "full", "detached"):
         pot = copy.deepcopy(base)
         pot.set_attention("plain" if path == "plain" else "fast")
         pot.train()
         theta = torch.tensor(np.log(gamma0), device=dev, requires_grad=True)
         opt = torch.optim.AdamW([{"params": list(pot.parameters()), "lr": hp["lr"]},
                                  {"params": [theta], "lr": hp["friction_lr"], "weight_decay": 0.0}])
-        loss_fn = sinkhorn_loss(hp["sinkhorn_p"], blur, fast=(path == "fast"))
-        kw = dict(final_force=(path == "plain"), params_only=(path == "fast"))
+        loss_fn = sinkhorn_loss(hp["sinkhorn_p"], blur, fast=(path != "plain"))
+        kw = dict(final_force=(path == "plain"), params_only=(path != "plain"),
+                  gradient="detached" if path == "detached" else "full")
 
         def one():
             return train_iteration(pot, opt, loss_fn, xs[0], v0, xs[1:k + 1], 0.0, sched,
@@ -139,8 +147,8 @@ def bench(n: int, k: int, repeats: int, device: str, seed: int = 0) -> dict:
         out[path] = {"cpu_s_per_step": cpu / steps, "wall_s_per_step": wall / steps,
                      "sys_s_per_step": float(np.median(syss)) / steps, "cpu_s_per_iter": cpu,
                      "first_loss": first_loss}
-    out["speedup_cpu"] = out["plain"]["cpu_s_per_step"] / out["fast"]["cpu_s_per_step"]
-    out["speedup_wall"] = out["plain"]["wall_s_per_step"] / out["fast"]["wall_s_per_step"]
+    out["speedup_cpu"] = out["plain"]["cpu_s_per_step"] / out["full"]["cpu_s_per_step"]
+    out["full_over_detached"] = out["full"]["cpu_s_per_step"] / out["detached"]["cpu_s_per_step"]
     return out
 
 
@@ -164,20 +172,21 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s), k = {args.k}, "
           f"{args.repeats} timed iterations after 1 warm-up (minimum reported), "
           f"freed memory {'kept' if kept else 'returned (glibc defaults)'}")
-    header = (f"{'device':6} {'N':>5} {'config':22} {'steps':>5} {'plain CPU-s/step':>16} "
-              f"{'fast CPU-s/step':>15} {'speedup':>7} {'plain wall':>10} {'fast wall':>9} "
-              f"{'sys plain':>9} {'sys fast':>8} "
-              f"{'loss plain':>11} {'loss fast':>11}")
+    print("CPU-s per rollout step (wall-s in brackets); sys = kernel CPU-s per step")
+    header = (f"{'device':6} {'N':>5} {'config':22} {'steps':>5} {'plain':>15} {'full':>15} "
+              f"{'detached':>15} {'plain/full':>10} {'full/detached':>13} "
+              f"{'sys p/f/d':>17} {'loss plain / full / detached':>32}")
     print(header)
     for dev in devices:
         for n in [int(s) for s in args.sizes.split(",")]:
             r = bench(n, args.k, args.repeats, dev)
-            print(f"{dev:6} {n:5d} {r['task']:22} {r['steps']:5d} "
-                  f"{r['plain']['cpu_s_per_step']:16.3f} {r['fast']['cpu_s_per_step']:15.3f} "
-                  f"{r['speedup_cpu']:6.2f}x {r['plain']['wall_s_per_step']:10.3f} "
-                  f"{r['fast']['wall_s_per_step']:9.3f} {r['plain']['sys_s_per_step']:9.3f} "
-                  f"{r['fast']['sys_s_per_step']:8.3f} {r['plain']['first_loss']:11.6f} "
-                  f"{r['fast']['first_loss']:11.6f}   [{r['data']}]", flush=True)
+            cells = [f"{r[p]['cpu_s_per_step']:.3f} ({r[p]['wall_s_per_step']:.3f})"
+                     for p in ("plain", "full", "detached")]
+            sys_ = "/".join(f"{r[p]['sys_s_per_step']:.3f}" for p in ("plain", "full", "detached"))
+            losses = " / ".join(f"{r[p]['first_loss']:.6f}" for p in ("plain", "full", "detached"))
+            print(f"{dev:6} {n:5d} {r['task']:22} {r['steps']:5d} {cells[0]:>15} {cells[1]:>15} "
+                  f"{cells[2]:>15} {r['speedup_cpu']:9.2f}x {r['full_over_detached']:12.2f}x "
+                  f"{sys_:>17} {losses:>32}   [{r['data']}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ BUILTIN_METHODS: dict[str, str] = {
     "oracle": "methods.reference:Oracle",
     "wlm": "methods.wlm:WLM",
     "wlm_zero_friction": "methods.wlm:WLMZeroFriction",
+    "wlm_full_gradient": "methods.wlm:WLMFullGradient",
+    "wlm_zero_friction_full_gradient": "methods.wlm:WLMZeroFrictionFullGradient",
     "jkonet_star": "methods.jkonet_star:JKOnetStar",
     "jkonet_star_t": "methods.jkonet_star:JKOnetStarT",
     "ijkonet": "methods.ijkonet:IJKOnet",

@@ -18,7 +18,7 @@ from harness.conformance import check_method  # noqa: E402
 from harness.metrics import w1  # noqa: E402
 from harness.protocol import Marginal, TrainData  # noqa: E402
 from methods import wlm  # noqa: E402
-from methods.wlm import WLM, WLMZeroFriction  # noqa: E402
+from methods.wlm import WLM, WLMFullGradient, WLMZeroFriction  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -117,7 +117,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                 reason="no CUDA device"))]
 
 
-def _rollout_grads(pot, mode: str, dtype=torch.float64, device="cpu"):
+def _rollout_grads(pot, mode: str, dtype=torch.float64, device="cpu", gradient="full"):
     pot.set_attention(mode)
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(40, 2, generator=g, dtype=dtype).to(device)
@@ -126,25 +126,133 @@ def _rollout_grads(pot, mode: str, dtype=torch.float64, device="cpu"):
     gamma = torch.tensor(0.7, dtype=dtype, device=device, requires_grad=True)
     loss_fn = wlm.sinkhorn_loss(2, 0.1, fast=(mode == "fast"))
     loss = wlm.rollout_loss(pot, loss_fn, x0, v0, ys, 0.0, [(0.1, 2), (0.1, 1)], gamma,
-                            final_force=(mode == "plain"))
+                            final_force=(mode == "plain"), gradient=gradient)
     params = list(pot.parameters()) + [gamma]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return float(loss.detach()), [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gradient", wlm.GRADIENTS)
 @pytest.mark.parametrize("heads,hidden,time_features", [(2, 16, 0), (1, 64, 16)])
-def test_fast_path_equals_plain_path(heads, hidden, time_features, device):
+def test_fast_path_equals_plain_path(heads, hidden, time_features, gradient, device):
     """Same loss and gradients: fused/hand-written attention + in-place Sinkhorn soft-min vs
     nn.MultiheadAttention's need_weights=True path + geomloss's SamplesLoss (float64)."""
     torch.manual_seed(2)
     pot = wlm._build_potential(2, _tiny_hp(heads=heads, hidden=hidden, blocks=2,
                                             time_features=time_features)).double().eval().to(device)
-    l_plain, g_plain = _rollout_grads(pot, "plain", device=device)
-    l_fast, g_fast = _rollout_grads(pot, "fast", device=device)
+    l_plain, g_plain = _rollout_grads(pot, "plain", device=device, gradient=gradient)
+    l_fast, g_fast = _rollout_grads(pot, "fast", device=device, gradient=gradient)
     assert math.isclose(l_plain, l_fast, rel_tol=1e-9)
     for a, b in zip(g_plain, g_fast):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which gradient: "detached" (the reference code's, default) against "full"
+# ---------------------------------------------------------------------------------------------
+class _Quadratic(torch.nn.Module):
+    """Ψθ(x) = θ/2 Σ|x|², so the force is a = -θ x."""
+
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+
+    def forward(self, x, t=0.0):
+        return 0.5 * self.theta * (x**2).sum()
+
+
+@pytest.mark.parametrize("theta", [0.0, 1.5])
+def test_both_gradients_against_their_closed_forms(theta):
+    """Two conservative leapfrog steps (γ = 0, m = 1, c = dt/2) under a = -θ x, loss = Σ w·x₂:
+    x₂ = x₀ + 2dt v₀ + 2dt c (a₀ + a₁) with a₀ = -θ x₀ and a₁ = -θ x₁. Detached, a₁ is -θ times the
+    *value* x₁, so dL/dθ = -2dt c Σ w·(x₀ + x₁); the full gradient adds a₁'s dependence on x₁(θ):
+    + 2dt c θ dt c Σ w·x₀."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    v0 = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    dt = 0.3
+    c = dt / 2
+    x1 = x0 + dt * (v0 + c * (-theta * x0))
+    closed = {"detached": float(-2 * dt * c * (w * (x0 + x1)).sum()),
+              "full": float(-2 * dt * c * (w * (x0 + x1)).sum() + 2 * dt * c * theta * dt * c * (w * x0).sum())}
+    for gradient in wlm.GRADIENTS:
+        pot = _Quadratic(theta)
+        loss = wlm.rollout_loss(pot, lambda p, y: (p * y).sum(), x0, v0, [w], 0.0, [(dt, 2)], 0.0,
+                                gradient=gradient)
+        (grad,) = torch.autograd.grad(loss, [pot.theta])
+        assert float(grad) == pytest.approx(closed[gradient], rel=1e-12, abs=1e-14), gradient
+    if theta:  # the two differ as soon as a later force sees a position that θ moved
+        assert abs(closed["full"] - closed["detached"]) > 1e-3
+
+
+def test_detached_gradient_is_a_rollout_with_the_positions_fed_as_constants():
+    """The transformer potential, friction learned, three steps over two intervals: the detached
+    gradient equals a rollout written out here, where each force is -∇Ψθ at the *numeric* value of
+    the position (a leaf without history), and the positions are summed from those forces."""
+    torch.manual_seed(4)
+    pot = wlm._build_potential(2, _tiny_hp(heads=2, hidden=16, blocks=2)).double().eval()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    v0 = 0.3 * torch.randn(30, 2, generator=g, dtype=torch.float64)
+    ys = [0.8 * torch.randn(35, 2, generator=g, dtype=torch.float64) + 0.2 * j for j in (1, 2)]
+    schedule = [(0.5, 2), (1.0, 1)]  # the vortex grid: dt = 1 per data interval
+    loss_fn = wlm.sinkhorn_loss(2, 0.1, fast=False)
+    log_gamma = torch.tensor(math.log(0.7), dtype=torch.float64, requires_grad=True)
+    params = list(pot.parameters()) + [log_gamma]
+
+    loss = wlm.rollout_loss(pot, loss_fn, x0, v0, ys, 0.0, schedule, torch.exp(log_gamma),
+                            gradient="detached")
+    def grad(f):  # the output head's bias never reaches a force: zero, not None
+        gs = torch.autograd.grad(f, params, allow_unused=True)
+        return [torch.zeros_like(p) if g_ is None else g_ for p, g_ in zip(params, gs)]
+
+    got = grad(loss)
+
+    def force_at_value(x):  # -∇Ψθ at x's value: differentiable in θ only
+        leaf = x.detach().clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(pot(leaf, 0.0), leaf, create_graph=True)
+        return -gx
+
+    gamma = torch.exp(log_gamma)
+    x, v = x0, v0
+    a = force_at_value(x)
+    ends = []
+    for dt, n in schedule:
+        m = torch.exp(-gamma * dt / 2)
+        c = m * dt / 2 + (1 - m)
+        for _ in range(n):
+            v_half = m * v + c * a
+            x = x + dt * v_half
+            a = force_at_value(x)
+            v = m * v_half + c * a
+        ends.append(x)
+    by_hand = torch.stack([loss_fn(p, y) for p, y in zip(ends, ys)]).mean()
+    want = grad(by_hand)
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-12)
+    for a_, b_ in zip(got, want):
+        torch.testing.assert_close(a_, b_, rtol=1e-9, atol=1e-12)
+
+    full = grad(wlm.rollout_loss(pot, loss_fn, x0, v0, ys, 0.0, schedule, torch.exp(log_gamma),
+                                 gradient="full"))
+    flat = lambda gs: torch.cat([t.reshape(-1) for t in gs])  # noqa: E731
+    rel = float((flat(full) - flat(got)).norm() / flat(full).norm())
+    assert rel > 0.01, f"the full and detached gradients differ by only {rel:.2e} of the norm"
+
+
+def test_force_gradient_is_part_of_the_job_identity():
+    from harness.runner import hparams_hash
+
+    for profile in ("smoke", "quick", "paper"):
+        base = WLM.default_hparams("vortex/interpolation", profile)
+        full = WLMFullGradient.default_hparams("vortex/interpolation", profile)
+        assert base["force_gradient"] == "detached" and full["force_gradient"] == "full"
+        assert {k: v for k, v in base.items() if k != "force_gradient"} == \
+            {k: v for k, v in full.items() if k != "force_gradient"}
+        assert hparams_hash(base) != hparams_hash(full)
+    with pytest.raises(Exception, match="force_gradient"):
+        WLM.check_hparams(dict(WLM.default_hparams("vortex", "smoke"), force_gradient="truncated"))
 
 
 def test_fast_sinkhorn_is_geomloss_float32():
@@ -267,6 +375,10 @@ def test_conformance_wlm():
 
 def test_conformance_wlm_zero_friction():
     check_method(WLMZeroFriction)
+
+
+def test_conformance_wlm_full_gradient():
+    check_method(WLMFullGradient)
 
 
 # ---------------------------------------------------------------------------------------------

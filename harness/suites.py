@@ -24,29 +24,31 @@ class Suite:
 
 
 REFERENCE = "static,velocity_extrapolation"
+# WLM with the full gradient (through the positions), beside `wlm` (the authors' detached gradient)
+WLM_FULL = "wlm_full_gradient"
 
 SUITES: dict[str, Suite] = {
     "table1": Suite(
         tasks="gf_sde",
-        methods=f"jkonet_star,ijkonet,nn_appex,wlm,wlm_zero_friction,{REFERENCE},oracle",
+        methods=f"jkonet_star,ijkonet,nn_appex,wlm,wlm_zero_friction,{WLM_FULL},wlm_zero_friction_full_gradient,{REFERENCE},oracle",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,2"},
         description="Table 1 / Table 6: gradient-flow SDEs, 5 potentials x paired/unpaired",
     ),
     "table2": Suite(
         tasks="vortex",
-        methods=f"wlm,am,uam,sam,dice,{REFERENCE}",
+        methods=f"wlm,{WLM_FULL},am,uam,sam,dice,{REFERENCE}",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,2"},
         description="Table 2: ocean vortex interpolation (small) and forecast (big)",
     ),
     "table3": Suite(
         tasks="eb",
-        methods=f"wlm,am,uam,sam,dice,{REFERENCE}",
+        methods=f"wlm,{WLM_FULL},am,uam,sam,dice,{REFERENCE}",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,10,11,100"},
         description="Table 3: EB leave-one-out (the eb300 stand-in when the full file is absent)",
     ),
     "table4": Suite(
         tasks="boids",
-        methods=f"jkonet_star,jkonet_star_t,nn_appex,wlm,{REFERENCE},oracle",
+        methods=f"jkonet_star,jkonet_star_t,nn_appex,wlm,{WLM_FULL},{REFERENCE},oracle",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,2"},
         description="Table 4: Boids, plus boids/unseen-init (Figure 9 as numbers)",
     ),

@@ -635,6 +635,11 @@ def _code_id() -> str:
     return checkpoint.code_id(__file__)
 
 
+def _time_left(seconds: float) -> str:
+    """"about 7 min", "about 2.4 h": minutes below two hours, so a short fit never reads 0.0 h."""
+    return f"about {seconds / 60:.0f} min" if seconds < 7200 else f"about {seconds / 3600:.1f} h"
+
+
 def _progress(method: Method, it: int, total: int, losses, gammas, done_here: int, seconds: float,
               *, saved: bool) -> None:
     """One line on stderr per checkpoint interval: long fits show where they are."""
@@ -644,7 +649,7 @@ def _progress(method: Method, it: int, total: int, losses, gammas, done_here: in
     recent = float(np.mean(losses[-100:])) if losses else float("nan")
     print(f"[wlm seed {method.seed}] iteration {it:,} of {total:,} ({100.0 * it / total:.1f}%), "
           f"loss {recent:.4g} (last 100), gamma {gammas[-1]:.4g}, {rate:.2f} s/iteration, "
-          f"~{(total - it) * rate / 3600:.1f} h left" + (", checkpoint saved" if saved else ""),
+          f"{_time_left((total - it) * rate)} left" + (", checkpoint saved" if saved else ""),
           file=sys.stderr, flush=True)
 
 

@@ -34,6 +34,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "wlm_zero_friction_full_gradient": "methods.wlm:WLMZeroFrictionFullGradient",
     "jkonet_star": "methods.jkonet_star:JKOnetStar",
     "jkonet_star_t": "methods.jkonet_star:JKOnetStarT",
+    "jkonet_star_v": "methods.jkonet_star:JKOnetStarV",
     "ijkonet": "methods.ijkonet:IJKOnet",
     "nn_appex": "methods.nn_appex:NNAPPEX",
     "am": "methods.action_matching:AM",

@@ -30,7 +30,7 @@ WLM_FULL = "wlm_full_gradient"
 SUITES: dict[str, Suite] = {
     "table1": Suite(
         tasks="gf_sde",
-        methods=f"jkonet_star,ijkonet,nn_appex,wlm,wlm_zero_friction,{WLM_FULL},wlm_zero_friction_full_gradient,{REFERENCE},oracle",
+        methods=f"jkonet_star,jkonet_star_v,ijkonet,nn_appex,wlm,wlm_zero_friction,{WLM_FULL},wlm_zero_friction_full_gradient,{REFERENCE},oracle",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,2"},
         description="Table 1 / Table 6: gradient-flow SDEs, 5 potentials x paired/unpaired",
     ),
@@ -48,7 +48,7 @@ SUITES: dict[str, Suite] = {
     ),
     "table4": Suite(
         tasks="boids",
-        methods=f"jkonet_star,jkonet_star_t,nn_appex,wlm,{WLM_FULL},{REFERENCE},oracle",
+        methods=f"jkonet_star,jkonet_star_t,jkonet_star_v,nn_appex,wlm,{WLM_FULL},{REFERENCE},oracle",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,2"},
         description="Table 4: Boids, plus boids/unseen-init (Figure 9 as numbers)",
     ),

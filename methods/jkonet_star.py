@@ -1,11 +1,13 @@
 """JKOnet*: learning a gradient-flow energy from the first-order optimality of the JKO step (JAX).
 
-Spec: ``../shared/spec/methods.md`` section 2 (Terpin et al. 2024, "Learning diffusion at
-lightspeed"). Two registered rows:
+Terpin et al. 2024, "Learning diffusion at lightspeed". Three registered rows:
 
-- ``jkonet_star``: energy ``J(ρ) = ∫ V dρ + θ3 ∫ ρ log ρ`` (potential + internal energy: the variant
-  that estimates drift *and* diffusion). Prediction by Euler-Maruyama
-  ``x ← x − τ ∇V(x) + sqrt(2 θ3 τ) ξ``; the learned diffusivity ``2 θ3`` is in the result row.
+- ``jkonet_star``: energy ``J(ρ) = ∫ V dρ + θ3 ∫ ρ log ρ`` (potential + internal energy: the model
+  the paper uses to estimate drift *and* diffusion). Prediction by Euler-Maruyama
+  ``x ← x − τ ∇V(x) + sqrt(2 |θ3| τ) ξ``; the row carries the trained ``theta3`` (signed) and the
+  rollout's diffusivity ``2 |θ3|``.
+- ``jkonet_star_v``: the potential-only model (the paper's ``V``): ``J(ρ) = ∫ V dρ``, deterministic
+  steps ``x ← x − τ ∇V(x)``.
 - ``jkonet_star_t``: a time-varying potential ``V(x, t)`` and no internal term (the paper's Table 4
   "time-varying" row); prediction by the implicit step ``x_next = x − τ ∇_x V(x_next, t_next)``
   solved by 50 fixed-point iterations.
@@ -15,14 +17,15 @@ Pipeline (everything from the training marginals only):
 1. Couplings. For each pair of consecutive training marginals (ρ_k, ρ_{k+1}) solve the exact OT
    problem (POT ``ot.emd``, squared-Euclidean cost, uniform weights, ``numItermax`` = 1e7) between
    the *whole* marginals: row order never enters, so unpaired data cannot leak a pairing (coupling
-   blocks of rows by index would, on data that kept particle identities across times, as the
-   reference pipeline's did: methods.md section 2). Keep the
+   blocks of rows by index would, on data that kept particle identities across times). Keep the
    plan entries ``P_ij > 1 / (10 max(n, m))``; each kept pair (x_i, y_j) is one training row with
    weight ``w = P_ij · max(n, m)`` (1 for a permutation plan).
-2. Densities. A 10-component full-covariance Gaussian mixture per training marginal, fitted by a
-   short EM in NumPy (k-means++ start, Lloyd iterations, EM to tolerance); ``ρ(y)`` and ``∇ρ(y)``
-   are precomputed at every coupled ``y`` with the density clipped below at 1e-5; only the ratio
-   ``∇ρ(y)/ρ(y)`` is stored.
+2. Densities (``jkonet_star`` only), as the authors' code computes them: scikit-learn's
+   ``GaussianMixture`` (10 full-covariance components, its defaults otherwise, ``random_state`` =
+   the job's seed) per training marginal; components with ``det(cov) <= 1e-4`` are dropped and the
+   remaining weights renormalised; ``ρ(y)`` and ``∇ρ(y)`` at every coupled ``y``, and the score
+   ``∇ρ(y)/ρ(y)`` where ``ρ(y) > 1e-5``, 0 where it is below (the reference clips the density at
+   1e-5, and the clipped density is flat there).
 3. Loss per row (x at t_k, y at t_{k+1}, τ = t_{k+1} − t_k, the physical step, so non-uniform grids
    work): ``w · ‖ τ (∇V(y) + θ3 ∇ρ(y)/ρ(y)) + (y − x) ‖²``; mean over the batch.
 4. Optimisation: Adam 1e-3, global-norm clipping at 10, batch 250 rows, 1000 epochs; the whole
@@ -34,7 +37,40 @@ Parametrisation (does not change the loss): with ``s`` the median training step,
 outputs ``U = s V`` and the internal coefficient is ``θ̃3 = s θ3``, so the loss reads
 ``w ‖ (τ/s)(∇U(y) + θ̃3 ∇ρ/ρ) + (y − x) ‖²`` — for a uniform grid exactly the reference code's
 ``τ = 1`` training, for which its network sizes and learning rate were tuned; physical values are
-recovered as ``∇V = ∇U / s``, ``θ3 = θ̃3 / s``. ``θ̃3 = softplus(raw) ≥ 0``.
+recovered as ``∇V = ∇U / s``, ``θ3 = θ̃3 / s``. ``θ̃3`` is one unconstrained parameter (initial
+0.01), as in the reference, whose rollout uses its absolute value (``theta3_constraint="none"``);
+``"softplus"`` trains ``θ̃3 = softplus(raw) >= 0`` instead.
+
+Which difference from the reference decides the learned diffusion (measured on ``gf_sde``
+``quadratic-unpaired``, data seed 0, ``quick`` profile = 300 epochs; truth σ² = 1; the first row
+is this module's earlier pipeline, the last the current one):
+
+============  =========  ==========  ============  =====  ===================
+mixture       θ̃3         batch loss  grad. clip    σ²     Train / Forecast W1
+============  =========  ==========  ============  =====  ===================
+own EM        softplus   mean        joint         0.028  0.063 / 0.098
+scikit-learn  softplus   mean        joint         0.027  0.063 / 0.098
+scikit-learn  softplus   sum         joint         0.023  0.063 / 0.098
+scikit-learn  softplus   mean        separate      0.027  0.063 / 0.098
+scikit-learn  softplus   sum         separate      0.027  0.063 / 0.097
+own EM        free       sum         separate      1.065  0.193 / 0.321
+scikit-learn  free       sum         separate      1.140  0.193 / 0.321
+scikit-learn  free       sum         joint         1.120  0.187 / 0.307
+scikit-learn  free       mean        joint         1.048  0.182 / 0.295
+============  =========  ==========  ============  =====  ===================
+
+(scikit-learn = with the det filter and the reference's floor; separate = V's and θ̃3's gradients
+clipped each on its own, as the reference's two optimisers.) The constraint is the difference;
+the mixture, the reduction and the clipping leave σ² where it was (free θ̃3 over data seeds 0-2,
+mean + joint vs sum + separate: σ² 1.05 / 1.04 / 1.02 vs 1.14 / 1.04 / 1.03 on
+quadratic-unpaired, 1.14 / 1.31 / 1.76 vs 1.22 / 1.24 / 1.89 on wavy_plateau-unpaired), so the
+loss stays a mean and the clipping joint. And the free fit ends *negative*: ``θ̃3 = −0.0057`` per
+step on quadratic-unpaired (σ² = 2 |θ3| = 1.14) and ``−0.0012`` on quadratic-paired (0.24), at a
+lower loss than the constrained fit, which therefore sits at the boundary θ3 ≈ 0. The reference's
+"learned diffusion" is the size of a coefficient fitted with the opposite sign (anti-diffusion in
+the training residual), made into noise by the absolute value in its rollout; its size comes out
+near the truth on unpaired data, its sign does not. The row keeps both: ``theta3`` signed,
+``diffusivity`` = 2 |θ3|.
 
 Prediction at times off the training grid: each gap between consecutive asked times is split into
 ``ceil(gap / s)`` equal steps (so a step is never longer than the median training step s: one
@@ -57,7 +93,7 @@ import numpy as np
 
 from harness.protocol import (
     Capabilities, Marginal, Method, Prediction, TrainData, curve, require, require_at_least, require_positive,
-    require_widths, resolve_hparams,
+    require_choice, require_widths, resolve_hparams,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +125,7 @@ _QUICK = dict(_PAPER, epochs=300)
 # Compilation dominates a smoke job, so it compiles without XLA's optimisation passes.
 _SMOKE = dict(_PAPER, epochs=4, gmm_components=3, gmm_iters=20, hidden=[16, 16], fast_compile=True)
 
-HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
+_BASE: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "default": dict(_PAPER),
         "gf_sde": dict(_PAPER),
@@ -116,11 +152,29 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# The time-varying variant: V(x, t), no internal term, implicit prediction.
+# jkonet_star: the internal-energy term as the reference code computes it (see the module
+# docstring for which of these changes what is learned, measured).
+INTERNAL_CHANGES = dict(
+    gmm_min_det=1e-4,  # drop mixture components with det(cov) <= 1e-4, renormalise the rest
+    theta3_constraint="none",  # θ̃3 trained unconstrained, |θ̃3| drives the noise in prediction;
+    # "softplus": θ̃3 = softplus(raw) >= 0, which learns no diffusion (module docstring)
+)
+# jkonet_star_v: the potential-only model (the JKOnet* paper's V): no internal energy, no mixtures.
+_INTERNAL_KEYS = ("theta3_init", "gmm_components", "gmm_iters", "density_floor")
+# jkonet_star_t: V(x, t), no internal term, implicit prediction.
 _T_EXTRA = dict(internal=False, time_dependent=True, fixed_point_iters=50)
-HPARAMS_T: dict[str, dict[str, dict[str, Any]]] = {
-    prof: {key: dict(hp, **_T_EXTRA) for key, hp in table.items()} for prof, table in HPARAMS.items()
-}
+
+
+def _derive(changes: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, dict[str, dict[str, Any]]]:
+    return {
+        prof: {key: {k: v for k, v in dict(hp, **changes).items() if k not in drop} for key, hp in table.items()}
+        for prof, table in _BASE.items()
+    }
+
+
+HPARAMS = _derive(INTERNAL_CHANGES)
+HPARAMS_V = _derive(dict(internal=False), drop=_INTERNAL_KEYS)
+HPARAMS_T = _derive(_T_EXTRA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,67 +265,51 @@ def couple(x: np.ndarray, y: np.ndarray, threshold: float = 0.1) -> tuple[np.nda
 
 
 # --------------------------------------------------------------------------------------------
-# Gaussian mixture densities (NumPy EM; scikit-learn is not a dependency)
+# Gaussian mixture densities (scikit-learn's GaussianMixture, as the reference code)
 # --------------------------------------------------------------------------------------------
-def _gauss_logpdf(x: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
-    """``log N(x_i; μ_k, Σ_k)`` as an ``(n, K)`` array."""
-    n, d = x.shape
-    out = np.empty((n, len(means)))
-    for k, (mu, cov) in enumerate(zip(means, covs)):
-        chol = np.linalg.cholesky(cov)
-        z = np.linalg.solve(chol, (x - mu).T)  # (d, n)
-        out[:, k] = -0.5 * (d * math.log(2 * math.pi) + (z * z).sum(0)) - np.log(np.diag(chol)).sum()
-    return out
-
-
 def fit_gmm(
-    x: np.ndarray, n_components: int = 10, seed: int = 0, n_iter: int = 100, tol: float = 1e-3, reg: float = 1e-6
+    x: np.ndarray, n_components: int = 10, seed: int = 0, max_iter: int = 100, min_det: float = 1e-4
 ) -> dict[str, np.ndarray]:
-    """Full-covariance Gaussian mixture by EM (k-means++ and 10 Lloyd steps to start)."""
+    """A full-covariance Gaussian mixture fitted by scikit-learn's ``GaussianMixture`` (its defaults:
+    k-means start, one initialisation, ``reg_covar`` 1e-6), then the reference's filter: components
+    with ``det(cov) <= min_det`` are dropped and the remaining weights renormalised. Every component
+    may be dropped (then the mixture is empty and its density 0 everywhere)."""
+    from sklearn.mixture import GaussianMixture
+
     x = np.asarray(x, dtype=float)
-    n, d = x.shape
-    k = max(1, min(n_components, n // 2))
-    rng = np.random.default_rng(seed)
-    centers = [x[rng.integers(n)]]
-    for _ in range(1, k):  # k-means++
-        d2 = ((x[:, None, :] - np.asarray(centers)[None]) ** 2).sum(-1).min(1)
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
-        centers.append(x[rng.choice(n, p=p)])
-    centers = np.asarray(centers)
-    for _ in range(10):  # Lloyd
-        lab = ((x[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
-        centers = np.array([x[lab == c].mean(0) if np.any(lab == c) else centers[c] for c in range(k)])
-    resp = np.zeros((n, k))
-    resp[np.arange(n), ((x[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)] = 1.0
-    prev = -np.inf
-    for _ in range(max(1, n_iter)):
-        nk = resp.sum(0) + 10 * np.finfo(float).eps  # M-step
-        weights = nk / n
-        means = (resp.T @ x) / nk[:, None]
-        covs = np.empty((k, d, d))
-        for c in range(k):
-            diff = x - means[c]
-            covs[c] = (resp[:, c, None] * diff).T @ diff / nk[c] + reg * np.eye(d)
-        logp = _gauss_logpdf(x, means, covs) + np.log(weights)  # E-step
-        m = logp.max(1, keepdims=True)
-        lse = m[:, 0] + np.log(np.exp(logp - m).sum(1))
-        resp = np.exp(logp - lse[:, None])
-        ll = float(lse.mean())
-        if abs(ll - prev) < tol:
-            break
-        prev = ll
-    return {"weights": weights, "means": means, "covs": covs}
+    k = max(1, min(int(n_components), len(x)))
+    gm = GaussianMixture(n_components=k, covariance_type="full", max_iter=int(max_iter), random_state=int(seed))
+    gm.fit(x)
+    keep = np.linalg.det(gm.covariances_) > min_det
+    weights = gm.weights_[keep]
+    return {
+        "weights": weights / weights.sum() if keep.any() else weights,
+        "means": gm.means_[keep],
+        "covs": gm.covariances_[keep],
+    }
 
 
 def gmm_density(gmm: dict[str, np.ndarray], y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``ρ(y)`` (n,) and ``∇ρ(y)`` (n, d) of a fitted mixture."""
+    """``ρ(y)`` (n,) and ``∇ρ(y)`` (n, d) of a fitted mixture:
+    ``ρ = Σ_k w_k N(y; μ_k, Σ_k)``, ``∇ρ = −Σ_k w_k N(y; μ_k, Σ_k) Σ_k⁻¹ (y − μ_k)``."""
     y = np.asarray(y, dtype=float)
-    comp = np.exp(_gauss_logpdf(y, gmm["means"], gmm["covs"]) + np.log(gmm["weights"]))  # (n, K)
-    rho = comp.sum(1)
-    grad = np.zeros_like(y)
-    for c, (mu, cov) in enumerate(zip(gmm["means"], gmm["covs"])):
-        grad -= comp[:, c, None] * np.linalg.solve(cov, (y - mu).T).T
+    n, d = y.shape
+    rho, grad = np.zeros(n), np.zeros((n, d))
+    for w, mu, cov in zip(gmm["weights"], gmm["means"], gmm["covs"]):
+        diff = y - mu
+        sol = np.linalg.solve(cov, diff.T).T  # Σ⁻¹ (y − μ), row-wise
+        comp = w * np.exp(-0.5 * (diff * sol).sum(1)) / math.sqrt((2 * math.pi) ** d * np.linalg.det(cov))
+        rho += comp
+        grad -= comp[:, None] * sol
     return rho, grad
+
+
+def density_score(gmm: dict[str, np.ndarray], y: np.ndarray, floor: float) -> np.ndarray:
+    """``∇ρ(y)/ρ(y)`` where ``ρ(y) > floor`` and 0 elsewhere: the reference clips the density below
+    at ``floor``, and the clipped density is flat (zero gradient) there."""
+    rho, grad = gmm_density(gmm, y)
+    ok = rho > floor
+    return np.where(ok[:, None], grad / np.where(ok, rho, 1.0)[:, None], 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,9 +325,9 @@ def build_rows(data: TrainData, hp: dict, seed: int) -> dict[str, np.ndarray]:
         x, y = ms[k].x[i], ms[k + 1].x[j]
         cost += float((w * ((x - y) ** 2).sum(1)).sum() / max(ms[k].n, ms[k + 1].n))
         if hp["internal"]:
-            gmm = fit_gmm(ms[k + 1].x, hp["gmm_components"], seed=seed + k, n_iter=hp["gmm_iters"])
-            rho, grad = gmm_density(gmm, y)
-            scores.append(grad / np.maximum(rho, hp["density_floor"])[:, None])
+            gmm = fit_gmm(ms[k + 1].x, hp["gmm_components"], seed=seed, max_iter=hp["gmm_iters"],
+                          min_det=hp["gmm_min_det"])
+            scores.append(density_score(gmm, y, hp["density_floor"]))
         else:
             scores.append(np.zeros_like(y))
         xs.append(x)
@@ -325,14 +363,22 @@ def grad_potential(params, x, tf, time_dep: bool):
     return jax.grad(lambda xx: potential(params, xx, tf, time_dep).sum())(x)
 
 
-def jko_residual_loss(params, b, time_dep: bool, internal: bool):
-    """Mean over real rows of ``w ‖ τ̃ (∇U(y) + θ̃3 ∇ρ(y)/ρ(y)) + (y − x) ‖²`` (padded rows masked)."""
+def theta3_value(raw, param: str):
+    """The internal coefficient θ̃3 from its trained parameter: ``softplus(raw)`` (constrained ≥ 0)
+    or ``raw`` itself (``none``: unconstrained, as the reference; its absolute value is the
+    diffusion used in prediction)."""
     import jax
+
+    return jax.nn.softplus(raw) if param == "softplus" else raw
+
+
+def jko_residual_loss(params, b, time_dep: bool, internal: bool, theta3_constraint: str = "none"):
+    """Mean over real rows of ``w ‖ τ̃ (∇U(y) + θ̃3 ∇ρ(y)/ρ(y)) + (y − x) ‖²`` (padded rows masked)."""
     import jax.numpy as jnp
 
     g = grad_potential(params, b["y"], b["tf"], time_dep)  # at the later point y and t_{k+1}
     if internal:
-        g = g + jax.nn.softplus(params["raw_theta3"]) * b["score"]
+        g = g + theta3_value(params["raw_theta3"], theta3_constraint) * b["score"]
     r = b["tau"][:, None] * g + (b["y"] - b["x"])
     per = b["w"] * (r * r).sum(1) * b["mask"]
     return per.sum() / jnp.maximum(b["mask"].sum(), 1.0)
@@ -345,7 +391,8 @@ def make_optimizer(lr: float, clip_norm: float):
 
 
 @functools.lru_cache(maxsize=16)
-def train_fns(time_dep: bool, internal: bool, lr: float, clip_norm: float, fast: bool = False):
+def train_fns(time_dep: bool, internal: bool, lr: float, clip_norm: float, fast: bool = False,
+              theta3_constraint: str = "none"):
     """``(init_opt, run_epoch)``, both jitted; ``run_epoch(params, opt_state, idx, arrays)`` is one
     pass over the rows (``idx``: ``(n_batches, batch)`` row indices, a permutation with the padded
     rows last) as a ``lax.scan`` of Adam steps; it returns the mean loss of the epoch."""
@@ -357,7 +404,7 @@ def train_fns(time_dep: bool, internal: bool, lr: float, clip_norm: float, fast:
     def step(carry, ib):
         p, s, arrs = carry
         b = {k: v[ib] for k, v in arrs.items()}
-        loss, g = jax.value_and_grad(jko_residual_loss)(p, b, time_dep, internal)
+        loss, g = jax.value_and_grad(jko_residual_loss)(p, b, time_dep, internal, theta3_constraint)
         upd, s = opt.update(g, s, p)
         return (optax.apply_updates(p, upd), s, arrs), loss
 
@@ -417,11 +464,16 @@ class JKOnetStar(Method):
 
     @classmethod
     def check_hparams(cls, hp: dict[str, Any]) -> None:
-        require_at_least(hp, "epochs", "batch_size", "gmm_components", "gmm_iters", "loss_curve_points",
-                         "predict_substeps", *({"fixed_point_iters"} & hp.keys()))
-        require_positive(hp, "lr", "clip_norm", "theta3_init", "density_floor")
+        require_at_least(hp, "epochs", "batch_size", "loss_curve_points", "predict_substeps",
+                         *({"fixed_point_iters"} & hp.keys()))
+        require_positive(hp, "lr", "clip_norm")
         require(hp, "plan_threshold", lambda v: 0 <= v < 1, "in [0, 1)")
         require_widths(hp, "hidden")
+        if hp.get("internal", True):
+            require_at_least(hp, "gmm_components", "gmm_iters")
+            require_positive(hp, "theta3_init", "density_floor")
+            require(hp, "gmm_min_det", lambda v: v >= 0, "at least 0")
+            require_choice(hp, "theta3_constraint", ("none", "softplus"))
 
     @property
     def _time_dep(self) -> bool:
@@ -434,6 +486,10 @@ class JKOnetStar(Method):
     @property
     def _internal(self) -> bool:
         return bool(self.hparams.get("internal", True))
+
+    @property
+    def _theta3_constraint(self) -> str:
+        return str(self.hparams.get("theta3_constraint", "none")) if self._internal else "none"
 
     def _time_feature(self, t):
         """Time input of the time-varying potential: the training time range mapped to [0, 1]."""
@@ -466,13 +522,14 @@ class JKOnetStar(Method):
         }
         rng = np.random.default_rng(self.seed)
         din = self._dim + (1 if self._time_dep else 0)
-        t0 = float(hp["theta3_init"])
+        t0 = float(hp["theta3_init"]) if self._internal else 0.0
         params = {
             "V": init_mlp(rng, [din, *hp["hidden"], 1]),
-            "raw_theta3": np.float32(math.log(math.expm1(t0)) if self._internal else 0.0),
+            "raw_theta3": np.float32(math.log(math.expm1(t0)) if self._theta3_constraint == "softplus" else t0),
         }
         init_opt, run_epoch = train_fns(
-            self._time_dep, self._internal, float(hp["lr"]), float(hp["clip_norm"]), self._fast
+            self._time_dep, self._internal, float(hp["lr"]), float(hp["clip_norm"]), self._fast,
+            self._theta3_constraint,
         )
         dev = jax_device(self.device)
         tail = np.arange(n_real, n_real + pad)
@@ -494,7 +551,8 @@ class JKOnetStar(Method):
             self._params = jax.tree_util.tree_map(np.asarray, params)
         self._curve = [float(c) for c in epoch_losses]
         raw = float(self._params["raw_theta3"])
-        self._theta3 = float(np.logaddexp(0.0, raw)) / self._s if self._internal else 0.0
+        theta = raw if self._theta3_constraint == "none" else float(np.logaddexp(0.0, raw))
+        self._theta3 = theta / self._s if self._internal else 0.0  # physical θ3; may be < 0 unconstrained
 
     # -- predict -------------------------------------------------------------------------------
     def predict(self, start: Marginal, times: Sequence[float], *, seed: int) -> Prediction:
@@ -521,8 +579,8 @@ class JKOnetStar(Method):
                     x, res = x
                     residual = max(residual, float(res))
                 x = np.asarray(x, dtype=np.float64)
-                if self._theta3 > 0:
-                    x = x + math.sqrt(2.0 * self._theta3 * tau) * rng.standard_normal(x.shape)
+                if self._theta3 != 0:  # the noise of |θ3|, as the reference's rollout
+                    x = x + math.sqrt(2.0 * abs(self._theta3) * tau) * rng.standard_normal(x.shape)
                 if is_out:
                     outs.append(x.copy())
         if self._time_dep:  # the largest fixed-point residual seen so far, in data units
@@ -541,8 +599,8 @@ class JKOnetStar(Method):
             "time_scale": self._s,
             "compile_s": self._compile_s,
         }
-        if self._internal:
-            out.update(theta3=self._theta3, beta=self._theta3, diffusivity=2.0 * self._theta3)
+        if self._internal:  # theta3: the signed coefficient as trained; diffusivity: the rollout's 2 |θ3|
+            out.update(theta3=self._theta3, beta=self._theta3, diffusivity=2.0 * abs(self._theta3))
         if hasattr(self, "_fp_residual"):
             out["implicit_max_residual"] = self._fp_residual
         return out
@@ -562,3 +620,15 @@ class JKOnetStarT(JKOnetStar):
         interpolate=True, forecast=True, uses_velocities=False, framework="jax", num_gpus=1, stochastic=False
     )
     _table = HPARAMS_T
+
+
+class JKOnetStarV(JKOnetStar):
+    """The potential-only model (the JKOnet* paper's ``V``): energy ``∫ V dρ``, no internal term,
+    deterministic explicit steps ``x ← x − τ ∇V(x)``. Its own row beside ``jkonet_star``, so that
+    tables show what the internal-energy term does."""
+
+    name = "jkonet_star_v"
+    capabilities = Capabilities(
+        interpolate=True, forecast=True, uses_velocities=False, framework="jax", num_gpus=1, stochastic=False
+    )
+    _table = HPARAMS_V

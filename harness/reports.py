@@ -1,4 +1,4 @@
-"""Tables from result rows (protocol.md sections 4 and 9).
+"""Tables from result rows (the protocol: docs/protocol.md).
 
 Aggregation, exactly as the protocol says: per job, each query's per-target W1 becomes table cells
 (``Task.summarize``); per seed, a family-level cell averages the family's variants that report that
@@ -8,15 +8,20 @@ column (the 5 SDEs of Table 1, the 3 EB holdouts of Table 3); across seeds, mean
 Rendering:
 
 - Markdown for the terminal (tabulate ``github``);
-- LaTeX with booktabs (``pandas.Styler``), ``mean $\\pm$ SE``, best mean per column in bold and
-  second underlined among the learners (reference rows ``static``, ``velocity_extrapolation`` and
-  ``oracle`` are calibration, not competitors), "—" where a method cannot answer;
+- LaTeX (:func:`render_latex`) that fits a page as generated: booktabs rules, numbers right-aligned
+  with their marks in the column's margin and the published numbers in sub-columns of their own, a
+  one-line caption and the notes under the table, landscape or one tabular per column group when
+  wide, several floats when tall; a comment at its top names the packages it needs;
 - CSV: the long result rows and the aggregated table (never parsed back from LaTeX).
 
-Markers: ``(v)`` after a method that used the task's velocities; ``†`` on a learner's cell that
-does not beat ``static``; with ``compare="paper"`` each cell also shows the paper's number and
-whether the two agree within their combined error bars (✓ / ✗), and the paper's methods that the
-harness does not run are listed as published-only rows.
+In both, the best mean per column is bold and the second underlined among the learners (reference
+rows ``static``, ``velocity_extrapolation`` and ``oracle`` are calibration, not competitors), and
+"—" marks a column the method cannot answer. Markers: ``(v)`` after a method whose jobs used the
+task's velocities (the job row's ``used_velocities``); ``†`` on a learner's cell that does not beat
+``static``; ``‡`` on a learner's cell below the ``oracle``'s, the finite-sample floor of W1 (a
+suspicious result); with ``compare="paper"`` each cell also shows the paper's number and whether
+the two agree within their combined error bars (✓ / ✗), and the paper's methods that the harness
+does not run are listed as published-only rows.
 """
 
 from __future__ import annotations
@@ -181,16 +186,37 @@ def aggregate(cells: pd.DataFrame, by_variant: bool = False) -> pd.DataFrame:
 
 
 @dataclass
+class TexCell:
+    """A LaTeX cell in three parts, so that numbers line up in their column: ``core`` (the number,
+    bold or underlined, or a status word), ``marks`` (superscript marks such as $^\\dagger$, drawn
+    in the column's right margin so they do not push the number left) and ``paper`` (the published
+    number, in a sub-column of its own)."""
+
+    core: str = ""
+    marks: str = ""
+    paper: str = ""
+
+    def empty(self) -> bool:
+        return not (self.core or self.marks or self.paper)
+
+
+@dataclass
 class Table:
-    """A rendered-ready table: string cells plus what the caption must say."""
+    """A rendered-ready table: Markdown and LaTeX cells plus what the caption and notes must say."""
 
     title: str
     caption: str
     columns: list[str]
-    rows: list[tuple[str, list[str]]]  # (row label, cells)
-    latex_cells: list[list[str]] = field(default_factory=list)
+    rows: list[tuple[str, list[str]]]  # (row label, Markdown cells)
+    latex_cells: list[list[TexCell]] = field(default_factory=list)
     footnotes: list[str] = field(default_factory=list)
     aggregate: pd.DataFrame | None = None
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (group, key) of each column
+    latex_labels: list[str] = field(default_factory=list)  # row labels, LaTeX (no variant prefix)
+    row_variants: list[str] = field(default_factory=list)  # per row: its variant in a per-variant table, else ""
+    latex_caption: str = ""  # one line
+    latex_notes: list[str] = field(default_factory=list)  # under the table
+    name: str = ""  # the file stem, also the LaTeX label
 
     def markdown(self) -> str:
         from tabulate import tabulate
@@ -201,32 +227,17 @@ class Table:
         return f"**{self.title}**\n\n{body}\n\n{self.caption}{notes}\n"
 
     def latex(self) -> str:
-        df = pd.DataFrame([cells for cells in self.latex_cells], columns=self.columns,
-                          index=[label for label, _ in self.rows])
-        styler = df.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
-        # the caption carries the footnotes too: the marks in the LaTeX cells ($^\dagger$, $\times$)
-        # need the same explanation as in Markdown
-        caption = " ".join([_latex_escape(self.caption), *(_latex_note(n) for n in self.footnotes)])
-        return styler.to_latex(hrules=True, caption=caption, position_float="centering")
-
-
-# the Markdown marks and what the LaTeX cells show instead (an agreeing cell carries no mark there;
-# the published number stands in brackets without the word "paper")
-_LATEX_MARKS = {"[paper …]": r"[\ldots{}]", "✓": "unmarked:", "✗": r"$\times$:", "†": r"$^\dagger$",
-                "…": r"\ldots{}"}
-
-
-def _latex_note(note: str) -> str:
-    """A Markdown footnote in the LaTeX cells' own marks (agreeing cells carry no mark there)."""
-    s = _latex_escape(note.replace("`", ""))
-    for mark, tex in _LATEX_MARKS.items():
-        s = s.replace(mark, tex)
-    return s
+        return render_latex(self)
 
 
 def _latex_escape(s: str) -> str:
-    return (s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
-            .replace("#", r"\#").replace("±", r"$\pm$").replace("—", "---"))
+    out = []
+    for ch in s:
+        out.append({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "±": r"$\pm$", "—": "---", "…": r"\ldots{}", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
+                    "×": r"$\times$", "<": r"$<$", ">": r"$>$"}.get(ch, ch))
+    return "".join(out)
 
 
 def _fmt(mean: float, se: float, digits: int) -> str:
@@ -235,6 +246,57 @@ def _fmt(mean: float, se: float, digits: int) -> str:
     if math.isfinite(se):
         return f"{mean:.{digits}f} ± {se:.{digits}f}"
     return f"{mean:.{digits}f}"
+
+
+def _seeds_text(seeds_n: Sequence[int], tex: bool = False) -> str:
+    """What a cell is over: ``mean ± SE over n = 3 seeds``, or one seed (no SE), or a mix."""
+    pm = r"$\pm$" if tex else "±"
+    if not seeds_n:
+        return "no finished job"
+    if max(seeds_n) == 1:
+        return "one seed (no SE)"
+    if len(seeds_n) == 1:
+        return f"mean {pm} SE over n = {seeds_n[0]} seeds"
+    return f"mean {pm} SE over up to n = {max(seeds_n)} seeds (fewer where marked)"
+
+
+def _known_tokens(family: str, paper_table: dict) -> set[str]:
+    """Names a task's protocol text may open a clause with: its column groups and variants."""
+    tokens = {g for g in paper_table if g}
+    try:
+        from harness import registry
+
+        tokens |= set(registry.tasks.load(family).variants)
+    except Exception:  # noqa: BLE001 - an unregistered family (a test's) has no variants to know
+        pass
+    return tokens
+
+
+def protocol_shown(protocol: str, known: set[str], shown: set[str], labels: set[str]) -> str:
+    """The part of a family's protocol text (``; ``-separated clauses) that describes the columns
+    a table shows: a clause about a column group or variant it does not show (``forecast (trained
+    on t0..t9): ...``) and a definition of a column it does not show (``Forecast W1 = over ...``)
+    are left out."""
+    out = []
+    for clause in protocol.split("; "):
+        m = re.match(r"([\w-]+)(?: \([^)]*\))?: ", clause)
+        if m and m.group(1) in known and m.group(1) not in shown:
+            continue
+        parts = []
+        for part in clause.split(", "):
+            d = re.match(r"(.+?) = ", part)
+            if d and d.group(1) in KNOWN_COLUMN_LABELS and d.group(1) not in labels:
+                continue
+            parts.append(part)
+        if parts:
+            out.append(", ".join(parts))
+    return "; ".join(out)
+
+
+KNOWN_COLUMN_LABELS = set(KEY_LABELS.values())
+
+AGREEMENT_NOTE = ("our SE over seeds + the paper's printed ±, which measures different things in different "
+                  "tables: see docs/protocol.md")
 
 
 def build_table(
@@ -260,7 +322,12 @@ def build_table(
     a mean over the easy variants alone must not pass for the family's. Nor is a cell compared
     whose variants miss one that its column averages by definition, as the paper's number does
     (``column_averages``: (group, key) -> variants, ``Task.column_averages``), e.g. a run of 2 of
-    Table 1's 5 SDEs, or eb300's mean over 2 of its 3 holdouts."""
+    Table 1's 5 SDEs, or eb300's mean over 2 of its 3 holdouts.
+
+    Marks: ``(v)`` after a method whose jobs used the task's velocities (per cell where only some
+    of its jobs did); ``†`` on a learner's cell that does not beat ``static``; ``‡`` on a learner's
+    cell below the ``oracle``'s (the true dynamics with fresh noise: the finite-sample floor of W1),
+    which is suspicious."""
     fam = cells[cells.task == family]
     if hardware is None:
         hardware = hardware_caption(fam)
@@ -305,9 +372,11 @@ def build_table(
         return sel.iloc[0]
 
     rows: list[tuple[str, list[str]]] = []
-    latex_rows: list[list[str]] = []
-    footnotes: list[str] = []
-    flagged = fewer = not_run = partial_cells = uncompared = False
+    latex_rows: list[list[TexCell]] = []
+    latex_labels: list[str] = []
+    row_variants: list[str] = []
+    flagged = floor_flagged = fewer = not_run = partial_cells = uncompared = ranked = dash = False
+    some_v = False
     disagreements = compared = 0
     for variant in variants:
         vfam = fam if not by_variant else fam[fam.variant == variant]
@@ -329,15 +398,18 @@ def build_table(
             mrows = vfam[vfam.method == m]
             if mrows.empty:
                 continue
-            label = m + (" (v)" if mrows["used_velocities"].any() else "")
-            if by_variant:
-                label = f"{variant} · {label}"
+            # (v): from the job rows, which say whether velocities reached the method
+            scored = mrows[mrows.status == "ok"]
+            scored = scored if not scored.empty else mrows
+            all_v = bool(scored["used_velocities"].all())
+            mixed_v = bool(scored["used_velocities"].any()) and not all_v
+            label = m + (" (v)" if all_v else "")
             failed = mrows[(mrows.status != "ok")]
             md_cells, tex_cells = [], []
             for ck in colkeys:
                 if by_variant and ck not in vcolkeys:
                     md_cells.append("")
-                    tex_cells.append("")
+                    tex_cells.append(TexCell())
                     continue
                 s = stat(m, variant, *ck)
                 if s is None:  # what happened to the jobs this column needed; "—": they ran and cannot answer
@@ -348,25 +420,37 @@ def build_table(
                     elif mrows[mrows.variant.isin(needed)].empty:
                         text, not_run = "not run", True  # e.g. a suite run with --tasks: not a capability
                     else:
-                        text = "—"
+                        text, dash = "—", True
                     md_cells.append(text)
-                    tex_cells.append("---" if text == "—" else text)
+                    tex_cells.append(TexCell(core=_latex_escape(text)))
                     continue
                 mean, se = float(s["mean"]), float(s["se"])
                 text = _fmt(mean, se, digits)
                 tex = f"{mean:.{digits}f} $\\pm$ {se:.{digits}f}" if math.isfinite(se) else f"{mean:.{digits}f}"
+                marks = ""
                 r = rank.get(ck, {}).get(m)
                 if r == 0:
-                    text, tex = f"**{text}**", f"\\textbf{{{tex}}}"
+                    text, tex, ranked = f"**{text}**", f"\\textbf{{{tex}}}", True
                 elif r == 1:
-                    text, tex = f"<u>{text}</u>", f"\\underline{{{tex}}}"
+                    text, tex, ranked = f"<u>{text}</u>", f"\\underline{{{tex}}}", True
                 if m not in REFERENCE_METHODS and not short(s, ck):  # static's cell averages other variants
                     st = stat("static", variant, *ck)
-                    if (st is not None and math.isfinite(st["mean"])
-                            and round(mean, digits) >= round(float(st["mean"]), digits)):
+                    if st is not None and math.isfinite(st["mean"]) and round(mean, digits) >= round(float(st["mean"]), digits):
                         text += " †"
-                        tex += r"$^\dagger$"
+                        marks += r"$^\dagger$"
                         flagged = True
+                    o = stat("oracle", variant, *ck)
+                    if (o is not None and math.isfinite(o["mean"])
+                            and round(mean, digits) < round(float(o["mean"]), digits)):
+                        text += " ‡"
+                        marks += r"$^\ddagger$"
+                        floor_flagged = True
+                if mixed_v:
+                    fed_by = [variant] if by_variant else str(s["variants"]).split()
+                    if scored[scored.variant.isin(fed_by)]["used_velocities"].any():
+                        text += " (v)"
+                        tex += " (v)"
+                        some_v = True
                 if seeds_n and int(s["n"]) != max(seeds_n):
                     text += f" (n={int(s['n'])})"
                     tex += f" (n={int(s['n'])})"
@@ -375,12 +459,13 @@ def build_table(
                 if cover:
                     k_of = " ({} of {} variants)".format(*cover)
                     text, tex, partial_cells = text + k_of, tex + k_of, True
+                ptex = ""
                 if paper is not None:
                     pv = _paper_value(paper, family, paper_table, by_variant, variant, s, m, ck, mrows)
                     if pv is not None and cover:
                         ptxt = _fmt(pv[0], pv[1], digits)
                         text += f" [paper {ptxt}: not compared, {cover[0]} of {cover[1]} variants]"
-                        tex += f" [{_latex_escape(ptxt)}: not compared, {cover[0]} of {cover[1]} variants]"
+                        ptex = _latex_escape(ptxt) + r"\rlap{$^\circ$}"
                         uncompared = True
                     elif pv is not None:
                         ok_ = agrees(mean, se, *pv)
@@ -388,56 +473,335 @@ def build_table(
                         compared += 1
                         ptxt = _fmt(pv[0], pv[1], digits)
                         text += f" [paper {ptxt} {'✓' if ok_ else '✗'}]"
-                        mark = "" if ok_ else r" $\times$"
-                        tex += f" [{_latex_escape(ptxt)}{mark}]"
+                        ptex = _latex_escape(ptxt) + ("" if ok_ else r"\rlap{$^\times$}")
                 md_cells.append(text)
-                tex_cells.append(tex)
-            rows.append((label, md_cells))
+                tex_cells.append(TexCell(core=tex, marks=marks, paper=ptex))
+            rows.append((f"{variant} · {label}" if by_variant else label, md_cells))
             latex_rows.append(tex_cells)
+            latex_labels.append(_latex_escape(label))
+            row_variants.append(variant)
         if paper is not None and not by_variant:
             for pm, cells_ in _published_only_rows(paper, family, paper_table, colkeys, set(methods), digits):
                 rows.append((f"{pm} (published)", cells_))
-                latex_rows.append([_latex_escape(c) for c in cells_])
-    columns = [column_label(*ck) if not by_variant else column_label(*ck) for ck in colkeys]
-    n_text = "/".join(str(n) for n in seeds_n) if seeds_n else "0"
-    scope = ("per variant" if by_variant else "each cell averages the family's variants per seed, then")
-    caption = (
-        f"{family}: exact W1 (lower is better){'; ' + protocol + ';' if protocol else ','} {scope} mean ± SE "
-        f"over n = {n_text} seeds"
-        + (f"; profile {profile}" if profile else "")
-        + (f"; {hardware}" if hardware else "")
-        + ". Bold best, underlined second among learners; — = the method cannot answer (interpolation-only)."
-    )
+                latex_rows.append([TexCell(core=_latex_escape(c)) for c in cells_])
+                latex_labels.append(_latex_escape(f"{pm} (published)"))
+                row_variants.append("")
+    columns = [column_label(*ck) for ck in colkeys]
+
+    # caption and notes: only what the table shows
+    groups_shown = {g for g, _ in colkeys}
+    shown = groups_shown | set(fam.dropna(subset=["key"])["variant"])
+    labels = {key_label(k) for _, k in colkeys}
+    proto = protocol_shown(protocol, _known_tokens(family, paper_table), shown, labels) if protocol else ""
+    averages = not by_variant and not agg.empty and bool((agg["n_variants"] > 1).any())
+    seeds = _seeds_text(seeds_n)
+    scope = ("per variant, " if by_variant else
+             "each cell averages the family's variants per seed, then " if averages else "")
+    caption = (f"{family}: exact W1 (lower is better){'; ' + proto if proto else ''}; {scope}{seeds}"
+               + (f"; profile {profile}" if profile else "") + (f"; {hardware}" if hardware else "") + ".")
+    if ranked:
+        caption += " Bold best, underlined second among learners."
+    if dash:
+        caption += " — = the method cannot answer (e.g. interpolation-only)."
+    short_seeds = ("one seed" if seeds_n and max(seeds_n) == 1 else
+                   f"mean $\\pm$ SE over {'up to ' if len(seeds_n) > 1 else ''}{max(seeds_n)} seeds" if seeds_n else
+                   "no finished job")
+    tex_caption = (f"{_latex_escape(family)}{' per variant' if by_variant else ''}: W1, lower is better, {short_seeds}"
+                   + (f" (profile {_latex_escape(profile)})" if profile else "") + ".")
+    # (Markdown note, LaTeX note) pairs; LaTeX says how its own marks look
+    notes: list[tuple[str, str]] = []
+    first = (proto[:1].upper() + proto[1:] + ". ") if proto else ""
+    how = (f"Each cell averages the family's variants per seed, then the {seeds}" if averages
+           else f"Per variant, the {seeds}" if by_variant else f"Each cell is the {seeds}")
+    notes.append(("", _latex_escape(first + how + (f"; run on {hardware}" if hardware else "") + ".")))
+    if ranked or dash:
+        notes.append(("", _latex_escape(" ".join(
+            (["Bold best, underlined second among learners (the reference rows static, velocity_extrapolation "
+              "and oracle are not ranked)."] if ranked else [])
+            + (["— = the method cannot answer (e.g. interpolation-only)."] if dash else []))))) 
     if flagged:
-        footnotes.append("† does not beat `static` on this column.")
+        notes.append(("† does not beat `static` on this column.",
+                      r"$^\dagger$ does not beat static on this column."))
+    if floor_flagged:
+        text = ("below the oracle's finite-sample floor on this column (the true dynamics with fresh noise "
+                "score that W1 against the same truth): suspicious, e.g. a method that saw held-out data.")
+        notes.append(("‡ " + text, r"$^\ddagger$ " + _latex_escape(text)))
     if not_run:
-        footnotes.append("not run = no job of this method on the variant behind the column (not a missing capability).")
+        text = "not run = no job of this method on the variant behind the column (not a missing capability)."
+        notes.append((text, _latex_escape(text)))
     if fewer:
-        footnotes.append("(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an "
-                         "ok job on some variant the cell averages.")
+        text = ("(n=k) = a cell over fewer seeds than the table's most: the others were not run, or lack an "
+                "ok job on some variant the cell averages.")
+        notes.append((text, _latex_escape(text)))
     if partial_cells:
-        footnotes.append("(k of K variants) = the cell averages only k of the K variants of its column (the "
-                         "family's, as the paper averages them, or those other methods ran); a cell with fewer "
-                         "than other methods' in its column is neither ranked nor marked †.")
+        text = ("(k of K variants) = the cell averages only k of the K variants of its column (the "
+                "family's, as the paper averages them, or those other methods ran); a cell with fewer "
+                "than other methods' in its column is neither ranked nor marked †.")
+        notes.append((text, _latex_escape(text)))
     if uncompared:
-        footnotes.append("not compared = the paper's number averages variants this cell lacks.")
-    if any("(v)" in lbl for lbl, _ in rows):
-        footnotes.append("(v) = the method used the task's observed velocities.")
+        notes.append(("not compared = the paper's number averages variants this cell lacks.",
+                      r"$^\circ$ on a paper number: not compared, it averages variants the cell above lacks."))
+    if any("(v)" in lbl for lbl, _ in rows) or some_v:
+        text = "(v) = the method used the task's observed velocities."
+        notes.append((text, _latex_escape(text)))
     if paper is not None and compared:
-        footnotes.append(
-            "[paper …] = the published number; ✓ agrees within combined error bars (our SE over seeds + the "
-            "paper's printed ±, which measures different things in different tables: harness/reference/README.md), "
-            f"✗ does not ({disagreements} of {compared} cells disagree)."
-        )
+        notes.append((
+            f"[paper …] = the published number; ✓ agrees within combined error bars ({AGREEMENT_NOTE}), "
+            f"✗ does not ({disagreements} of {compared} cells disagree).",
+            r"\textit{paper} = the published number under ours; $^\times$ = the two disagree beyond their "
+            r"combined error bars (our SE over seeds + the paper's printed $\pm$, which measures different things "
+            f"in different tables): {disagreements} of {compared} cells."))
     elif paper is not None:
-        footnotes.append(f"The paper publishes no numbers for {family}: nothing to compare.")
+        text = f"The paper publishes no numbers for {family}: nothing to compare."
+        notes.append((text, _latex_escape(text)))
     if any(lbl.endswith(" (published)") for lbl, _ in rows):
-        footnotes.append("(published) = a method of the paper not run here: its published numbers, "
-                         "blank where the paper has none.")
+        text = "(published) = a method of the paper not run here: its published numbers, blank where the paper has none."
+        notes.append((text, _latex_escape(text)))
     if note:
-        footnotes.append(note)
+        notes.append((note, _latex_escape(note.replace("`", ""))))
     title = f"{family}" + (" (per variant)" if by_variant else "")
-    return Table(title, caption, columns, rows, latex_rows, footnotes, agg)
+    return Table(title, caption, columns, rows, latex_rows, [md for md, _ in notes if md], agg, keys=list(colkeys),
+                 latex_labels=latex_labels, row_variants=row_variants, latex_caption=tex_caption,
+                 latex_notes=[tex for _, tex in notes], name=family + ("_per_variant" if by_variant else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# LaTeX layout: booktabs, numbers right-aligned, a one-line caption, the notes under the table;
+# landscape, or one tabular per column group, when the table is wider than the page; several
+# floats when it is taller.
+
+PAGE_WIDTH_PT = 452.0  # a 6.25 in x 9 in text block: US letter or A4 with 1-inch margins
+PAGE_HEIGHT_PT = 650.0
+_EM = 9.25  # \small's em (Computer Modern, 10 pt class), in pt
+_SEP = 12.0  # 2 \tabcolsep
+_ROW = 11.15  # a \small row (\baselineskip and a share of the rules)
+_NOTE_ROW = 9.5  # a \footnotesize line
+# glyph widths in em (Computer Modern roman; bold is about 15% wider); kerning is ignored, so the
+# estimate is a few percent high
+_GLYPH_EM = {**dict.fromkeys("0123456789a/*go", 0.5), **dict.fromkeys(".,;:[]'il", 0.278), "j": 0.306,
+             "f": 0.306, **dict.fromkeys("rts", 0.394), **dict.fromkeys("cez", 0.444),
+             **dict.fromkeys("bdhnpu", 0.556), **dict.fromkeys("kqvxy", 0.528), "w": 0.722, "m": 0.833,
+             **dict.fromkeys("()", 0.389), "-": 0.333, " ": 0.333, "_": 0.36, **dict.fromkeys("=+±×", 0.778),
+             "—": 1.0, "…": 0.9, **dict.fromkeys("†‡∘", 0.43), "·": 0.278}
+
+
+def _plain(tex: str) -> tuple[str, bool]:
+    """A LaTeX cell's visible text (roughly) and whether it is bold."""
+    bold = r"\textbf" in tex
+    s = (re.sub(r"\\rlap\{[^}]*\}", "", tex).replace(r"$\pm$", "±").replace(r"$^\dagger$", "†").replace(r"$^\ddagger$", "‡")
+         .replace(r"$^\times$", "×").replace(r"$^\circ$", "∘").replace(r"\ldots{}", "…").replace("---", "—")
+         .replace(r"\quad", "mm"))
+    s = re.sub(r"\\text(bf|it)\{|\\underline\{", "", s)
+    s = re.sub(r"\\(.)", r"\1", s).replace("{", "").replace("}", "").replace("$", "")
+    return s, bold
+
+
+def _width(tex: str, scale: float = 1.0) -> float:
+    """Estimated width in pt of a LaTeX cell set in \\small (``scale``: relative font size)."""
+    s, bold = _plain(tex)
+    em = sum(_GLYPH_EM.get(ch, 0.75 if ch.isupper() else 0.5) for ch in s)
+    return em * _EM * scale * (1.15 if bold else 1.0)
+
+
+def _lines(tex: str, width: float, scale: float) -> int:
+    return max(1, math.ceil(_width(tex, scale) / width))
+
+
+@dataclass
+class _Block:
+    """One tabular: some of the table's columns, the rows that have something in them, its
+    estimated width and whether it goes on a landscape page."""
+
+    cols: list[int]
+    rows: list[int]
+    cont: bool = False  # its column group continues from the previous block
+    width: float = 0.0
+    landscape: bool = False
+
+
+def latex_layout(t: Table) -> list[list[_Block]]:
+    """How :func:`render_latex` lays ``t`` out: floats (pages), each a list of tabulars (blocks).
+
+    Columns: all in one tabular if they fit a portrait page, else a landscape one; else one
+    tabular per column group (a group too wide for a landscape page is cut), neighbouring groups
+    sharing one where they fit, each on a portrait page if it fits one. Rows: a tabular taller
+    than a page is cut (in a per-variant table, before a variant's heading); the tabulars of one
+    orientation share a float while they fit."""
+    ncol = len(t.columns)
+    groups = _groups(t)
+    heads = _heads(t)
+
+    def col_width(c: int) -> float:
+        cells = [w for r in t.latex_cells for w in (_width(r[c].core) + max(_width(r[c].marks) - 6.0, 0.0),
+                                                     _width(r[c].paper) + max(_width(_PAPER_MARK) - 6.0, 0.0))]
+        return max(cells + [_width(heads[c])]) + _SEP
+
+    widths = [col_width(c) for c in range(ncol)]
+    per_variant = any(t.row_variants)
+    label_w = max([_width(lbl) + (_EM if per_variant else 0.0) for lbl in t.latex_labels]
+                  + [_width("method"), _width(_PAPER_LABEL) + (_EM if per_variant else 0.0)]) + _SEP
+
+    def block_width(cols: Sequence[int]) -> float:
+        w = label_w + sum(widths[c] for c in cols)
+        for g in dict.fromkeys(groups[c] for c in cols):  # a group's name spans its columns
+            span = [c for c in cols if groups[c] == g]
+            w += max(0.0, _width(_latex_escape(g)) + _SEP - sum(widths[c] for c in span)) if g else 0.0
+        return w
+
+    def block(cols: list[int], cont: bool = False, rows: list[int] | None = None) -> _Block:
+        if rows is None:
+            rows = [i for i, r in enumerate(t.latex_cells) if any(not r[c].empty() for c in cols)]
+        w = block_width(cols)
+        return _Block(cols, rows, cont, w, w > PAGE_WIDTH_PT)
+
+    everything = list(range(ncol))
+    runs: list[list[int]] = []  # the column groups, in order
+    for c in everything:
+        if runs and groups[runs[-1][-1]] == groups[c]:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    if block_width(everything) <= PAGE_WIDTH_PT and not (per_variant and len(runs) > 1):
+        blocks = [block(everything)]  # a per-variant table's groups have rows of their own: one tabular each
+    elif all(block_width(r) <= PAGE_WIDTH_PT for r in runs):
+        blocks = _merge([(r, False) for r in runs], block_width, PAGE_WIDTH_PT, block, not per_variant)
+    elif block_width(everything) <= PAGE_HEIGHT_PT and not per_variant:
+        blocks = [block(everything)]
+    else:
+        chunks: list[tuple[list[int], bool]] = []
+        for run in runs:
+            part: list[int] = []
+            first = True
+            for c in run:
+                if part and block_width(part + [c]) > PAGE_HEIGHT_PT:
+                    chunks.append((part, not first))
+                    part, first = [], False
+                part.append(c)
+            chunks.append((part, not first))
+        blocks = _merge(chunks, block_width, PAGE_HEIGHT_PT, block, not per_variant)
+
+    def block_height(b: _Block) -> float:
+        headings = len(dict.fromkeys(t.row_variants[i] for i in b.rows)) if per_variant else 0
+        papers = sum(any(t.latex_cells[i][c].paper for c in b.cols) for i in b.rows)
+        return (len(b.rows) + papers + headings + (2 if any(groups[c] for c in b.cols) else 1)) * _ROW + 12.0
+
+    def room(landscape: bool) -> float:
+        line, page = (PAGE_HEIGHT_PT, PAGE_WIDTH_PT) if landscape else (PAGE_WIDTH_PT, PAGE_HEIGHT_PT)
+        caption_h = _lines(t.latex_caption + " (part 9 of 9)", line, 1.0) * _ROW + 10.0
+        notes_h = sum(_lines(n, line, 0.92) for n in t.latex_notes) * _NOTE_ROW + 8.0
+        return page - caption_h - notes_h - 5.0  # the float's own skips
+
+    pieces: list[_Block] = []
+    for b in blocks:
+        rows, limit = list(b.rows), room(b.landscape)
+        while rows and block_height(block(b.cols, b.cont, rows)) > limit:
+            fit = len(rows)
+            while fit > 1 and block_height(block(b.cols, b.cont, rows[:fit])) > limit:
+                fit -= 1
+            starts = [k for k in range(1, fit + 1) if per_variant
+                      and t.row_variants[rows[k]] != t.row_variants[rows[k - 1]]] if fit < len(rows) else []
+            cut = starts[-1] if starts else fit
+            pieces.append(block(b.cols, b.cont, rows[:cut]))
+            rows = rows[cut:]
+        if rows:
+            pieces.append(block(b.cols, b.cont, rows))
+    floats: list[list[_Block]] = []
+    used = 0.0
+    for b in pieces:
+        h = block_height(b) + 12.0
+        if floats and floats[-1][0].landscape == b.landscape and used + h <= room(b.landscape):
+            floats[-1].append(b)
+            used += h
+        else:
+            floats.append([b])
+            used = h
+    return floats
+
+
+def _merge(chunks, block_width, limit: float, block, merge: bool) -> list[_Block]:
+    """Blocks of ``chunks`` ((columns, continued) pairs), neighbours sharing a tabular where they
+    fit ``limit`` and, if wider than a portrait page, both were too (no portrait part turns landscape)."""
+    merged: list[tuple[list[int], bool]] = []
+    for cols, cont in chunks:
+        joint = block_width(merged[-1][0] + cols) if merged else 0.0
+        if (merge and merged and not cont and joint <= limit
+                and (joint <= PAGE_WIDTH_PT or (block_width(merged[-1][0]) > PAGE_WIDTH_PT
+                                                and block_width(cols) > PAGE_WIDTH_PT))):
+            merged[-1] = (merged[-1][0] + cols, merged[-1][1])
+        else:
+            merged.append((cols, cont))
+    return [block(cols, cont) for cols, cont in merged]
+
+
+def _groups(t: Table) -> list[str]:
+    return [g for g, _ in t.keys] if t.keys else [""] * len(t.columns)
+
+
+def _heads(t: Table) -> list[str]:
+    return [_latex_escape(key_label(k)) for _, k in t.keys] if t.keys else [_latex_escape(c) for c in t.columns]
+
+
+def render_latex(t: Table) -> str:
+    """``t`` as LaTeX that fits a page, laid out by :func:`latex_layout`. The published numbers
+    (``--compare paper``) sit in a row of their own under each method's, aligned with its numbers."""
+    floats = latex_layout(t)
+    groups, heads, per_variant = _groups(t), _heads(t), any(t.row_variants)
+    landscape = any(f[0].landscape for f in floats)
+    packages = r"\usepackage{booktabs}" + (r" and \usepackage{pdflscape}" if landscape else "")
+    out = [f"% {t.title}: a W1 table written by popbench (run_all.py report or publish): regenerate it, do not edit it.",
+           f"% Needs {packages}. Sized for a 6.25 x 9 in text block (US letter or A4 with 1-inch margins)"
+           + (", wide parts on landscape pages." if landscape else ".")]
+    label = "tab:" + re.sub(r"[^A-Za-z0-9_-]+", "-", t.name or t.title)
+    caption = t.latex_caption
+    for k, fblocks in enumerate(floats):
+        text = caption.replace(": ", f" ({k + 1} of {len(floats)}): ", 1) if len(floats) > 1 else caption
+        out += [r"\begin{landscape}"] if fblocks[0].landscape else []
+        out += [r"\begin{table}[htbp]", r"\centering", r"\small",
+                r"\caption{" + text + "}" + r"\label{" + label + (f"-{k + 1}" if k else "") + "}"]
+        for j, b in enumerate(fblocks):
+            if j:
+                out.append(r"\par\medskip")
+            out += _tabular(t, b, groups, heads, per_variant)
+        if k == len(floats) - 1 and t.latex_notes:
+            out += [r"\par\smallskip", r"\begin{minipage}{\linewidth}\footnotesize\raggedright"]
+            out += [n + r"\par" for n in t.latex_notes]
+            out.append(r"\end{minipage}")
+        out.append(r"\end{table}")
+        out += [r"\end{landscape}"] if fblocks[0].landscape else []
+    return "\n".join(out) + "\n"
+
+
+_PAPER_LABEL = r"\quad\textit{paper}"
+_PAPER_MARK = r"$^\times$"
+
+
+def _tabular(t: Table, b: _Block, groups, heads, per_variant: bool) -> list[str]:
+    lines = [r"\begin{tabular}{l" + "r" * len(b.cols) + "}", r"\toprule"]
+    if any(groups[c] for c in b.cols):
+        spans, rules, pos = [], [], 2
+        for g in dict.fromkeys(groups[c] for c in b.cols):
+            n = sum(groups[c] == g for c in b.cols)
+            name = _latex_escape(g) + (" (continued)" if b.cont and g == groups[b.cols[0]] else "")
+            spans.append(r"\multicolumn{%d}{c}{%s}" % (n, name) if g else " & ".join([""] * n))
+            if g:
+                rules.append(r"\cmidrule(lr){%d-%d}" % (pos, pos + n - 1))
+            pos += n
+        lines += [" & " + " & ".join(spans) + r" \\", "".join(rules)]
+    lines.append("method & " + " & ".join(r"\multicolumn{1}{c}{%s}" % heads[c] for c in b.cols) + r" \\")
+    lines.append(r"\midrule")
+    indent = r"\quad " if per_variant else ""
+    last_variant = None
+    for i in b.rows:
+        if per_variant and t.row_variants[i] != last_variant:
+            last_variant = t.row_variants[i]
+            lines.append(r"\multicolumn{%d}{l}{\textit{%s}} \\" % (1 + len(b.cols), _latex_escape(last_variant)))
+        cells = [t.latex_cells[i][c] for c in b.cols]
+        lines.append(indent + t.latex_labels[i] + " & "
+                     + " & ".join(c.core + (r"\rlap{" + c.marks + "}" if c.marks else "") for c in cells) + r" \\")
+        if any(c.paper for c in cells):
+            lines.append(indent + _PAPER_LABEL + " & " + " & ".join(c.paper for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return lines
 
 
 def _order_columns(colkeys: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -1,9 +1,13 @@
 """Remote data files: where they come from, how the harness finds them, how it checks them.
 
-The real-data tasks read files that are never part of this repository (``../shared/spec/tasks.md``
-section 5). Each file has a registry entry below: its name (the path under a data directory, e.g.
-``ocean/oceans_with_v0.npz``), where to download it, its size and its checksum (sha256 and/or the
-git blob id, i.e. ``git hash-object <file>``), and a licence note.
+The real-data tasks read files that are never part of this repository. Each file has a registry
+entry: its name (the path under a data directory, e.g. ``ocean/oceans_with_v0.npz``), where to
+download it, its size and its checksum (sha256 and/or the git blob id, i.e. ``git hash-object
+<file>``), and a licence note. The shipped files are registered below with :func:`register`; a task
+plugin registers its own files the same way, at import, next to its task class::
+
+    from harness.data import DataFile, register
+    register(DataFile("mylab/cells.npz", "https://example.org/cells.npz", sha256="..."))
 
 :func:`resolve` finds a file, in this order:
 
@@ -46,10 +50,10 @@ class DataFile:
     name: str
     """Path under a data directory, e.g. ``ocean/oceans_with_v0.npz``."""
     url: str
-    size: int | None
-    sha256: str | None
-    git_blob: str | None
-    licence: str
+    size: int | None = None
+    sha256: str | None = None
+    git_blob: str | None = None
+    licence: str = ""
     mirrors: tuple[str, ...] = ()
     """Further URLs tried in order when ``url`` fails (same bytes, same checksum)."""
     note: str = ""
@@ -64,57 +68,72 @@ class DataFile:
         return " / ".join(parts) or "no checksum"
 
 
-REGISTRY: dict[str, DataFile] = {
-    f.name: f
-    for f in (
-        DataFile(
-            name="ocean/oceans_with_v0.npz",
-            url=f"{_WLM}/oceans_with_v0.npz",
-            size=32492,
-            sha256="30168f54f8eb2ea59f23f28adf01e71917491dceffd61106801a493a2c23e0ce",
-            git_blob="d26e87b2b79bf20ebbd66cd684f2dec048bf1d93",
-            licence=_OCEAN_LICENCE,
-            note="small Gulf of Mexico vortex, (9, 111, 2) positions and velocities (vortex/interpolation)",
+REGISTRY: dict[str, DataFile] = {}
+"""Every registered data file by name (fill it with :func:`register`)."""
+
+
+def register(f: DataFile) -> DataFile:
+    """Add ``f`` to the registry, so that tasks can name it in ``data_files``, :func:`resolve` finds,
+    downloads and verifies it, and ``fetch-data`` fetches it. Registering the same entry again is a
+    no-op; another entry under a registered name, or one without a checksum, is an error."""
+    if not (f.sha256 or f.git_blob):
+        raise PopbenchError(f"data file {f.name!r} needs a checksum (sha256 or git blob id) to be registered")
+    known = REGISTRY.get(f.name)
+    if known is not None and known != f:
+        raise PopbenchError(f"data file {f.name!r} is already registered, from {known.url} ({known.checksum_text})")
+    REGISTRY[f.name] = f
+    return f
+
+
+for _f in (
+    DataFile(
+        name="ocean/oceans_with_v0.npz",
+        url=f"{_WLM}/oceans_with_v0.npz",
+        size=32492,
+        sha256="30168f54f8eb2ea59f23f28adf01e71917491dceffd61106801a493a2c23e0ce",
+        git_blob="d26e87b2b79bf20ebbd66cd684f2dec048bf1d93",
+        licence=_OCEAN_LICENCE,
+        note="small Gulf of Mexico vortex, (9, 111, 2) positions and velocities (vortex/interpolation)",
+    ),
+    DataFile(
+        name="ocean/big_oceans_forecast.npz",
+        url=f"{_WLM}/big_oceans_forecast.npz",
+        size=141324,
+        sha256="70d76e62cc2b32bdd4d8a4f78f7f8400aec60443d05fabd915f02626685bdac3",
+        git_blob="cd3b60a394b854c65f9c6f3b9739084798143987",
+        licence=_OCEAN_LICENCE,
+        note="big Gulf of Mexico vortex, (11, 400, 2) positions and velocities (vortex/forecast)",
+    ),
+    DataFile(
+        name="eb/eb_velocity_v5.npz",
+        url="https://github.com/KrishnaswamyLab/TrajectoryNet/raw/master/data/eb_velocity_v5.npz",
+        size=None,  # unknown: the blob could not be obtained where this registry was written
+        sha256=None,
+        git_blob="06b92296690840bb4c146085b6cd18ad89667c74",
+        licence=(
+            "Yale non-commercial licence (TrajectoryNet): download it on your own machine for "
+            "research use; never redistribute it."
         ),
-        DataFile(
-            name="ocean/big_oceans_forecast.npz",
-            url=f"{_WLM}/big_oceans_forecast.npz",
-            size=141324,
-            sha256="70d76e62cc2b32bdd4d8a4f78f7f8400aec60443d05fabd915f02626685bdac3",
-            git_blob="cd3b60a394b854c65f9c6f3b9739084798143987",
-            licence=_OCEAN_LICENCE,
-            note="big Gulf of Mexico vortex, (11, 400, 2) positions and velocities (vortex/forecast)",
+        mirrors=(
+            "https://raw.githubusercontent.com/KrishnaswamyLab/TrajectoryNet/"
+            "810c89b081f95405bc0ad42bfb3cb41038e13700/data/eb_velocity_v5.npz",
         ),
-        DataFile(
-            name="eb/eb_velocity_v5.npz",
-            url="https://github.com/KrishnaswamyLab/TrajectoryNet/raw/master/data/eb_velocity_v5.npz",
-            size=None,  # unknown: the blob could not be obtained where this registry was written
-            sha256=None,
-            git_blob="06b92296690840bb4c146085b6cd18ad89667c74",
-            licence=(
-                "Yale non-commercial licence (TrajectoryNet): download it on your own machine for "
-                "research use; never redistribute it."
-            ),
-            mirrors=(
-                "https://raw.githubusercontent.com/KrishnaswamyLab/TrajectoryNet/"
-                "810c89b081f95405bc0ad42bfb3cb41038e13700/data/eb_velocity_v5.npz",
-            ),
-            note="embryoid-body scRNA-seq, TrajectoryNet preprocessing with RNA velocity (eb/holdout-*)",
+        note="embryoid-body scRNA-seq, TrajectoryNet preprocessing with RNA velocity (eb/holdout-*)",
+    ),
+    DataFile(
+        name="eb/sbirr_eb_data_300per_marginal.npy",
+        url=(
+            "https://raw.githubusercontent.com/YunyiShen/SBIRR/"
+            "77f2f661afae39553dad626960d8d185567ddfe5/Notebooks/data/eb_data.npy"
         ),
-        DataFile(
-            name="eb/sbirr_eb_data_300per_marginal.npy",
-            url=(
-                "https://raw.githubusercontent.com/YunyiShen/SBIRR/"
-                "77f2f661afae39553dad626960d8d185567ddfe5/Notebooks/data/eb_data.npy"
-            ),
-            size=60128,
-            sha256="d15fc2070bde4dd2ae41d846fe765426457826dbb85607edfba93324779ea242",
-            git_blob="f7d236183fc2a4c05b27b2dc9742056994a0e62d",
-            licence="YunyiShen/SBIRR states no licence.",
-            note="stand-in: 300 whitened EB cells per day, no velocities (eb300/holdout-*; not comparable)",
-        ),
-    )
-}
+        size=60128,
+        sha256="d15fc2070bde4dd2ae41d846fe765426457826dbb85607edfba93324779ea242",
+        git_blob="f7d236183fc2a4c05b27b2dc9742056994a0e62d",
+        licence="YunyiShen/SBIRR states no licence.",
+        note="stand-in: 300 whitened EB cells per day, no velocities (eb300/holdout-*; not comparable)",
+    ),
+):
+    register(_f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +254,7 @@ def _download(f: DataFile, dest: Path) -> None:
     """Download ``f`` to ``dest`` atomically (temp file in the same directory, verify, rename)."""
     from tqdm import tqdm
 
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in (f.url, *f.mirrors):
@@ -261,6 +281,11 @@ def _download(f: DataFile, dest: Path) -> None:
         finally:
             if tmp.exists():
                 tmp.unlink()
+    for d in made:  # leave no empty folder behind: only those this call created, while empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
     raise OSError("; ".join(errors))
 
 
@@ -273,6 +298,9 @@ def resolve(name: str, data_dir: str | os.PathLike | None = None, download: bool
     dirs = search_dirs(data_dir)
     for d in dirs:
         path = d / f.name
+        if path.exists() and not path.is_file():
+            raise PopbenchError(f"data file {f.name!r} at {path} is not a file (a directory?): remove it and get the "
+                                f"file again from {f.url} ({f.checksum_text}) into {path.parent}/.")
         if path.is_file():
             reason = check_file(path, f)
             if reason:
@@ -349,6 +377,7 @@ __all__ = [
     "entry",
     "fetch",
     "file_digests",
+    "register",
     "resolve",
     "search_dirs",
 ]

@@ -137,7 +137,11 @@ def test_failed_verification_leaves_nothing(toy, tmp_path, monkeypatch):
     with pytest.raises(PopbenchError) as err:
         data.resolve(entry.name, data_dir=tmp_path / "d", download=True)
     assert "verification" in str(err.value) and "0" * 64 in str(err.value)
-    assert list((tmp_path / "d" / "toy").iterdir()) == []
+    assert not (tmp_path / "d").exists()  # no temp file, and no folder the download made for it
+    (tmp_path / "e" / "toy").mkdir(parents=True)  # a folder that was there before stays
+    with pytest.raises(PopbenchError):
+        data.resolve(entry.name, data_dir=tmp_path / "e", download=True)
+    assert list((tmp_path / "e" / "toy").iterdir()) == []
 
 
 @pytest.mark.parametrize("var,value", [("POPBENCH_OFFLINE", "1"), ("CI", "true")])
@@ -159,6 +163,23 @@ def test_unreachable_url_gives_the_sentence(toy, tmp_path, monkeypatch):
     monkeypatch.setitem(data.REGISTRY, entry.name, gone)
     with pytest.raises(PopbenchError, match="download failed"):
         data.resolve(entry.name, data_dir=tmp_path / "d", download=True)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_plugin_registers_its_files_as_the_shipped_ones_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "REGISTRY", dict(data.REGISTRY))
+    payload = b"snapshots" * 100
+    src = tmp_path / "up.bin"
+    src.write_bytes(payload)
+    f = data.DataFile("lab/up.bin", src.as_uri(), sha256=hashlib.sha256(payload).hexdigest())
+    assert data.register(f) is f and data.register(f) is f  # the same entry twice: fine
+    assert data.fetch(["up.bin"], data_dir=tmp_path / "d") == [tmp_path / "d" / "lab" / "up.bin"]
+    with pytest.raises(PopbenchError, match="already registered, from file://"):
+        data.register(data.DataFile("lab/up.bin", "https://elsewhere.example/up.bin", sha256="0" * 64))
+    with pytest.raises(PopbenchError, match="needs a checksum"):
+        data.register(data.DataFile("lab/other.bin", "https://example.org/other.bin"))
+    shipped = data.REGISTRY["ocean/oceans_with_v0.npz"]
+    assert data.register(shipped) is shipped  # the shipped files are registered the same way
 
 
 def test_fetch(toy, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,20 +240,57 @@ Simulator = Callable[[Marginal, Sequence[float], int], list]
 
 
 def resolve_hparams(table: Mapping[str, Mapping[str, Mapping[str, Any]]], task: str, profile: str) -> dict:
-    """Look up a method's settings for a task (``"family/variant"``) and a profile.
+    """Look up a method's settings for a task (``"name/variant"``, as the harness passes it) and a profile.
 
-    Tries ``table[profile]["family/variant"]``, then ``table[profile]["family"]``, then
-    ``table[profile]["default"]``. Method modules keep one such table at the top (``HPARAMS``) so
-    that every setting of every profile is readable in one place.
+    Tries, in ``table[profile]``: the task as given, ``"family/variant"`` and ``"family"`` (the task
+    class's :attr:`Task.family`, so a family loaded as ``package.module:Class`` finds its settings
+    too), then what the variant :attr:`Task.resembles` (``"like/variant"``, ``"like"``; for a
+    resemblance ``"like/other"``: itself, then ``"like"``), then ``"default"``. Method modules keep one such
+    table at the top (``HPARAMS``) so that every setting of every profile is readable in one place.
+
+    When a method that has settings for other families falls back to ``"default"``, this says so on
+    stderr, once per method and family (the method is the class whose ``default_hparams`` called).
     """
     if profile not in table:
         raise PopbenchError(f"unknown profile {profile!r}; choose one of {', '.join(table)}")
     per_task = table[profile]
-    family = task.split("/", 1)[0]
-    for key in (task, family, "default"):
+    name, _, variant = task.partition("/")
+    family, like = _task_family(name, variant)
+    keys = [task, f"{family}/{variant}" if variant else "", family,
+            f"{like}/{variant}" if like and variant and "/" not in like else "", like, like.split("/")[0], "default"]
+    for key in dict.fromkeys(k for k in keys if k):
         if key in per_task:
+            if key == "default" and family != "default" and len(per_task) > 1:
+                _note_default(sys._getframe(1), family, like)
             return dict(per_task[key])
     raise PopbenchError(f"no {profile!r} hyperparameters for task {task!r}")
+
+
+def _task_family(name: str, variant: str) -> tuple[str, str]:
+    """``(Task.family, what the variant resembles)`` for a registered task name or ``module:Class``
+    reference; ``(name, "")`` for anything else (a bare family name in a test, ``"default"``)."""
+    from harness import registry  # here: registry imports this module
+
+    try:
+        cls = registry.tasks.load(name)
+    except PopbenchError:
+        return name, ""
+    like = cls.resembles
+    return cls.family or name, (like.get(variant, "") if isinstance(like, Mapping) else like)
+
+
+_NOTED_DEFAULTS: set[tuple[str, str]] = set()
+
+
+def _note_default(caller: Any, family: str, like: str) -> None:
+    owner = caller.f_locals.get("cls")
+    method = getattr(owner, "name", "") or caller.f_globals.get("__name__", "a method")
+    if (method, family) in _NOTED_DEFAULTS:
+        return
+    _NOTED_DEFAULTS.add((method, family))
+    nor = f" nor for {like!r}, which it resembles" if like else ""
+    print(f"note: {method} has no settings for task family {family!r}{nor}; it runs with its default settings",
+          file=sys.stderr)
 
 
 def require(hp: Mapping[str, Any], key: str, ok: Callable[[Any], bool], what: str, *, optional: bool = False) -> None:
@@ -379,6 +417,10 @@ class Task(abc.ABC):
 
     family: ClassVar[str] = ""
     variants: ClassVar[tuple[str, ...]] = ()
+    resembles: ClassVar[str | Mapping[str, str]] = ""
+    """A shipped family (``"gf_sde"``) or variant (``"vortex/forecast"``) this one is like, or one
+    per variant (a mapping): a method without settings for ``family`` uses its settings for that
+    (:func:`resolve_hparams`). Empty: the method's ``default`` settings."""
     has_simulator: ClassVar[bool] = False
     data_files: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""

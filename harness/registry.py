@@ -159,6 +159,16 @@ methods = Registry("method", Method, BUILTIN_METHODS, METHOD_GROUP)
 tasks = Registry("task family", Task, BUILTIN_TASKS, TASK_GROUP)
 
 
+def family_name(name: str) -> str:
+    """The family a task name stands for: its class's ``family`` (``three_well`` for
+    ``popbench_example.three_well:ThreeWell``), what a table is headed with and its files are named
+    after; the name itself when it does not load (a family no longer installed)."""
+    try:
+        return tasks.load(name).family or name
+    except PopbenchError:
+        return name
+
+
 def expand_tasks(spec: str) -> list[tuple[str, str]]:
     """Expand ``--tasks`` into ``(family, variant)`` pairs.
 

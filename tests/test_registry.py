@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 
 from harness import registry
-from harness.protocol import Method, PopbenchError
+from harness.protocol import Method, PopbenchError, Task, resolve_hparams
 
 from .conftest import ROOT
 
@@ -57,3 +57,66 @@ def test_entry_points_are_discovered_lazily(monkeypatch):
     with pytest.raises(PopbenchError, match="failed to load"):
         reg.load("my_broken")  # a broken plugin fails only its own lookup
     assert reg.load("static").name == "static"
+
+
+# ---------------------------------------------------------------------------------------------
+# A method's settings for a task come from the task's family, or the family it resembles
+
+TABLE = {"smoke": {"gf_sde": {"lr": 1}, "vortex/forecast": {"lr": 2}, "ou/paired": {"lr": 3},
+                   "default": {"lr": 0}}}
+
+
+class LikeGF(Task):  # only its class attributes are read
+    family = "like_gf"
+    variants = ("a",)
+    resembles = "gf_sde"
+
+
+class LikeForecast(LikeGF):
+    family = "like_forecast"
+    resembles = {"a": "vortex/forecast"}
+
+
+class LikeNothing(LikeGF):
+    family = "like_nothing"
+    resembles = ""
+
+
+class Stub(Method):
+    name = "stub"
+
+    @classmethod
+    def default_hparams(cls, task, profile):
+        return resolve_hparams(TABLE, task, profile)
+
+    def fit(self, data):
+        pass
+
+    def predict(self, start, times, *, seed):
+        pass
+
+
+def test_settings_follow_the_family_and_what_it_resembles(capsys):
+    here = "tests.test_registry"
+    assert Stub.default_hparams("ou/paired", "smoke") == {"lr": 3}  # the variant's own
+    assert Stub.default_hparams("gf_sde/quadratic-paired", "smoke") == {"lr": 1}  # the family's
+    assert Stub.default_hparams(f"{here}:LikeGF/a", "smoke") == {"lr": 1}  # the family it resembles
+    assert Stub.default_hparams(f"{here}:LikeForecast/a", "smoke") == {"lr": 2}  # a resembled variant
+    assert capsys.readouterr().err == ""
+    assert Stub.default_hparams(f"{here}:LikeNothing/a", "smoke") == {"lr": 0}
+    Stub.default_hparams(f"{here}:LikeNothing/a", "smoke")
+    err = capsys.readouterr().err
+    assert err == "note: stub has no settings for task family 'like_nothing'; it runs with its default settings\n"
+    assert Stub.default_hparams("ou/unpaired", "smoke") == {"lr": 0}
+    assert "family 'ou'" in capsys.readouterr().err
+
+
+def test_a_method_with_one_setting_for_all_says_nothing(capsys):
+    assert resolve_hparams({"smoke": {"default": {"k": 1}}}, "ou/paired", "smoke") == {"k": 1}
+    assert capsys.readouterr().err == ""
+
+
+def test_family_name_of_a_reference_is_its_class_family():
+    assert registry.family_name("tests.test_registry:LikeGF") == "like_gf"
+    assert registry.family_name("vortex") == "vortex"
+    assert registry.family_name("gone_family") == "gone_family"

@@ -9,7 +9,7 @@ import pytest
 
 from harness.conformance import check_task
 from harness.metrics import w1
-from harness.protocol import TableColumn
+from harness.protocol import PopbenchError, TableColumn
 from tasks import gf_sde
 from tasks.gf_sde import GFSDE
 
@@ -68,7 +68,7 @@ def test_quadratic_matches_ou_closed_form(mode):
 def test_quadratic_closed_form_large_sample():
     """A sharper check of the simulator itself (20000 particles): variance at t = 0.05, 0.19."""
     rng = np.random.default_rng(0)
-    xs = gf_sde.simulate_paired("quadratic", 20000, 20, rng)
+    xs = gf_sde.SDE(gf_sde.SHIPPED["quadratic"]).paired(20000, GFSDE.times, rng)
     for k in (5, 19):
         var = xs[k].var(0)
         assert np.allclose(var, ou_var(k / 100), rtol=0.045), (k, var, ou_var(k / 100))
@@ -134,10 +134,11 @@ def test_quadratic_velocity_push_matches_closed_form_variance():
 def test_velocity_push_matches_sde_second_moment_growth(potential):
     """d/dt E|X|² over one EM step (0.001) equals that of the deterministic push by v0."""
     rng = np.random.default_rng(7)
-    x = gf_sde.sample_p0(200_000, rng)
-    dt = gf_sde.DT_EM
-    push = ((x + dt * gf_sde.flow_velocity(potential, x)) ** 2).sum(1).mean() - (x**2).sum(1).mean()
-    sde = (gf_sde.em_steps(potential, x, 1, rng) ** 2).sum(1).mean() - (x**2).sum(1).mean()
+    process = GFSDE(f"{potential}-paired").sde()
+    x = process.sample_p0((200_000,), rng)
+    dt = process.em_step
+    push = ((x + dt * process.flow_velocity(x)) ** 2).sum(1).mean() - (x**2).sum(1).mean()
+    sde = (process.steps(x, 1, rng) ** 2).sum(1).mean() - (x**2).sum(1).mean()
     rate_push, rate_sde = push / dt, sde / dt
     assert abs(rate_push - rate_sde) < 0.03 * abs(rate_sde) + 0.4, (rate_push, rate_sde)
 
@@ -175,3 +176,87 @@ def test_check_task_seed_and_oracle_floor():
     target = q.targets[-1].x
     floor, static = w1(out[0], target), w1(q.start.x, target)
     assert floor < 0.12 < static, (floor, static)
+
+
+# ---------------------------------------------------------------------------------------------
+# The template: every setting is the task's, from a subclass or the constructor
+
+
+def test_the_shipped_family_is_the_template_with_the_papers_settings():
+    assert issubclass(GFSDE, gf_sde.GradientFlowSDE)
+    assert (GFSDE.dim, GFSDE.sigma, GFSDE.n, GFSDE.n_train, GFSDE.em_step, GFSDE.p0_var) == (2, 1.0, 1000, 10, 0.001, 0.2)
+    assert GFSDE.times == tuple(k / 100 for k in range(20))
+    assert gf_sde.GradientFlowSDE.resembles == "gf_sde" and gf_sde.GradientFlowSDE.paper_table == {}
+
+
+def ou_moments(t, mu0, s2, sigma2, k=10.0):
+    """Mean and per-coordinate variance of dX = -k X dt + σ dW from N(mu0, s2 I)."""
+    e = math.exp(-k * t)
+    return np.asarray(mu0) * e, s2 * e**2 + sigma2 / (2 * k) * (1 - e**2)
+
+
+@pytest.mark.parametrize("mode", ["paired", "unpaired"])
+def test_settings_from_the_constructor_change_the_process_as_written(mode):
+    """3-D quadratic (OU, k = 10), σ = 0.5, p0 = N((1, 0, -0.5), 0.1 I), uneven times: every
+    marginal has the closed-form mean and variance, and t0 carries the exact flow velocity."""
+    mu0, times = (1.0, 0.0, -0.5), (0.0, 0.02, 0.05, 0.1, 0.3)
+    task = gf_sde.GradientFlowSDE(f"quadratic-{mode}", seed=2, potentials=("quadratic",), dim=3, sigma=0.5,
+                                  n=4000, times=times, n_train=3, p0_mean=mu0, p0_var=0.1)
+    assert task.variants == ("quadratic-paired", "quadratic-unpaired")
+    data, (q,) = task.train_data(), task.queries()
+    assert data.dim == 3 and list(data.times) == list(times[:3]) and data.paired == (mode == "paired")
+    assert [(tg.t, tg.group) for tg in q.targets] == [(0.02, "train"), (0.05, "train"), (0.1, "test"), (0.3, "test")]
+    xs = [data.marginals[0].x] + [tg.x for tg in q.targets]
+    n = xs[0].shape[0]
+    for t, x in zip(times, xs):
+        mean, var = ou_moments(t, mu0, 0.1, 0.25)
+        assert np.all(np.abs(x.mean(0) - mean) < 4.5 * math.sqrt(var / n)), (t, x.mean(0), mean)
+        assert np.all(np.abs(x.var(0) - var) < 4.5 * var * math.sqrt(2 / n) + 0.01 * var), (t, x.var(0), var)
+    x0 = data.marginals[0].x
+    assert np.allclose(data.marginals[0].v, -10 * x0 + 0.5 * 0.25 * (x0 - mu0) / 0.1)
+    out = task.simulator()(q.start, (0.3,), 0)[0]  # the oracle runs this SDE, not the default one
+    mean, var = ou_moments(0.3, mu0, 0.1, 0.25)
+    assert np.all(np.abs(out.mean(0) - mean) < 4.5 * math.sqrt(var / n)) and out.shape == (n, 3)
+
+
+def _cubic(x):
+    return (x**4).sum(1) / 4
+
+
+def _cubic_grad(x):
+    return x**3
+
+
+def _bad_grad(x):
+    return x[:, 0]
+
+
+class Quartic(gf_sde.GradientFlowSDE):
+    family = "quartic"
+    potentials = {"quartic": gf_sde.Potential(_cubic, _cubic_grad)}
+    n = 100
+    modes = ("unpaired",)
+
+
+def test_a_subclass_with_its_own_potential_is_a_family():
+    assert Quartic.variants == ("quartic-unpaired",)
+    assert "quartic" in Quartic.description and Quartic.resembles == "gf_sde"
+    task = check_task(Quartic, "quartic-unpaired", seed=0)
+    (q,) = task.queries()
+    assert np.allclose(q.start.v, -q.start.x**3 + 0.5 * q.start.x / 0.2)
+    out = task.simulator()(q.start, q.times[:1], 3)  # the oracle steps the same SDE
+    assert out[0].shape == (100, 2) and not np.array_equal(out[0], q.start.x)
+    cells = task.summarize(q, [0.5] * len(q.targets))
+    assert {c.group for c in cells} == {"unpaired"}
+
+
+def test_bad_potentials_and_times_are_one_sentence_each():
+    with pytest.raises(PopbenchError, match="unknown potential 'quadratc'"):
+        gf_sde.GradientFlowSDE("quadratc-paired", potentials=("quadratc",)).train_data()
+    with pytest.raises(PopbenchError, match="must map"):
+        gf_sde.GradientFlowSDE("p-paired", potentials={"p": (_cubic, _bad_grad)}, n=10).train_data()
+    with pytest.raises(PopbenchError, match="whole number of Euler-Maruyama steps"):
+        gf_sde.GradientFlowSDE("quadratic-paired", potentials=("quadratic",), n=10, times=(0, 0.0105, 0.02),
+                               n_train=2).train_data()
+    with pytest.raises(TypeError, match="unknown setting"):
+        gf_sde.GradientFlowSDE("quadratic-paired", potentials=("quadratic",), sigma2=1.0)

@@ -10,6 +10,7 @@ import pytest
 from harness import data
 from harness.conformance import check_task
 from harness.protocol import PopbenchError, TableColumn
+from tasks.snapshots import Forecast, Interpolation, SnapshotTask
 from tasks.vortex import Vortex
 
 
@@ -137,3 +138,109 @@ def test_data_dir_is_searched_first_and_the_environments_directory_still_after_i
     r = run_cli("--tasks", "vortex/interpolation", "--methods", "static", "--data-dir", str(tmp_path), "--dry-run",
                 "--out", str(tmp_path / "run"), env={"POPBENCH_DATA_DIR": env_dir, "POPBENCH_CACHE_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The snapshot-file template the vortex variants are instances of
+
+
+def test_vortex_is_the_snapshot_template_with_two_splits():
+    assert issubclass(Vortex, SnapshotTask)
+    assert Vortex.splits == {"interpolation": Interpolation(train=(0, 2, 4, 6, 8)), "forecast": Forecast(train=10)}
+    assert Vortex.resembles == {"interpolation": "vortex/interpolation", "forecast": "vortex/forecast"}
+
+
+class Drifters(SnapshotTask):
+    family = "drifters"
+    file = ""  # each test points it at its own file
+    dt = 0.5
+    splits = {"gaps": Interpolation(train=(0, 1, 3, 5)), "ahead": Forecast(train=4)}
+
+
+@pytest.fixture
+def drifters(monkeypatch):
+    def point(path, **attrs):
+        for k, v in {"file": str(path), **attrs}.items():
+            monkeypatch.setattr(Drifters, k, v)
+        return Drifters
+
+    return point
+
+
+def test_a_positions_only_file_by_path_with_both_splits(tmp_path, drifters):
+    """An .npy of positions (T=6, N=40, d=3), no velocities, snapshots 0.5 apart: the holdouts start
+    from the training snapshot before them; a forecast over two later snapshots adds Forecast W1."""
+    xs = np.random.default_rng(0).normal(size=(6, 40, 3)) + np.arange(6)[:, None, None]
+    path = tmp_path / "drifters.npy"
+    np.save(path, xs)
+    cls = drifters(path)
+    assert cls.variants == ("gaps", "ahead") and cls.data_files == ()
+    assert cls.resembles == {"gaps": "vortex/interpolation", "ahead": "vortex/forecast"}
+
+    gaps = check_task(cls, "gaps")
+    d = gaps.train_data()
+    assert list(d.times) == [0.0, 0.5, 1.5, 2.5] and all(m.v is None for m in d.marginals)
+    qs = gaps.queries()
+    assert [(q.name, q.start.index, q.targets[0].index, q.targets[0].t) for q in qs] == [
+        ("holdout-2", 1, 2, 1.0), ("holdout-4", 3, 4, 2.0)]
+    assert np.array_equal(qs[1].targets[0].x, xs[4])
+    cells = {**gaps.summarize(qs[0], [0.2]), **gaps.summarize(qs[1], [0.4])}
+    assert gaps.extra_columns(cells) == {TableColumn("gaps", "w1_mean_holdouts", "gaps"): pytest.approx(0.3)}
+
+    ahead = check_task(cls, "ahead")
+    roll, nxt = ahead.queries()
+    assert [tg.group for tg in roll.targets] == ["train"] * 3 + ["test"] * 2
+    assert (nxt.start.index, [tg.index for tg in nxt.targets]) == (3, [4, 5])
+    cells = {**ahead.summarize(roll, [1.0, 2.0, 3.0, 4.0, 6.0]), **ahead.summarize(nxt, [0.5, 0.7])}
+    assert cells == {TableColumn("ahead", "w1_t5_from_t0", "ahead"): 6.0,
+                     TableColumn("ahead", "train_w1", "ahead"): 2.0,
+                     TableColumn("ahead", "forecast_w1", "ahead"): 5.0,
+                     TableColumn("ahead", "w1_t5_from_t3", "ahead"): 0.7}
+
+
+def test_snapshot_files_that_do_not_fit_are_one_sentence(tmp_path, drifters):
+    np.save(tmp_path / "short.npy", np.zeros((4, 10, 2)))
+    with pytest.raises(PopbenchError, match="does not fit the 4 snapshots"):
+        drifters(tmp_path / "short.npy")("gaps").train_data()
+    np.savez(tmp_path / "novel.npz", pos=np.zeros((6, 10, 2)))
+    with pytest.raises(PopbenchError, match="no 'positions' array"):
+        drifters(tmp_path / "novel.npz")("gaps").train_data()
+    with pytest.raises(PopbenchError, match="neither registered"):
+        drifters(tmp_path / "nowhere.npz")("gaps")
+    np.save(tmp_path / "ok.npy", np.zeros((6, 10, 2)))
+    with pytest.raises(PopbenchError, match=r"expected \(6, 11, 2\)"):
+        drifters(tmp_path / "ok.npy", shapes={str(tmp_path / "ok.npy"): (6, 11, 2)})("gaps").train_data()
+    with pytest.raises(PopbenchError, match="velocities have shape"):
+        np.savez(tmp_path / "v.npz", positions=np.zeros((6, 10, 2)), velocities=np.zeros((6, 10, 3)))
+        drifters(tmp_path / "v.npz")("gaps").train_data()
+
+
+def test_a_plugins_registered_file_is_downloaded_verified_and_read(tmp_path, monkeypatch):
+    """A plugin registers its file (name, URL, checksum) with harness.data.register, as the shipped
+    ones are: the task finds it, fetches it (a file:// URL here) into the cache and checks it."""
+    import hashlib
+
+    monkeypatch.setattr(data, "REGISTRY", dict(data.REGISTRY))  # this test's registration stays here
+    monkeypatch.setenv("POPBENCH_OFFLINE", "0")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("POPBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    xs, vs = np.random.default_rng(1).normal(size=(2, 5, 30, 2))
+    upstream = tmp_path / "upstream.npz"
+    np.savez(upstream, positions=xs, velocities=vs)
+    raw = upstream.read_bytes()
+    data.register(data.DataFile("lab/swirl.npz", upstream.as_uri(), size=len(raw),
+                                sha256=hashlib.sha256(raw).hexdigest(), licence="CC0"))
+
+    class Swirl(SnapshotTask):
+        family = "swirl"
+        file = "lab/swirl.npz"
+        splits = {"forecast": Forecast(train=4)}
+
+    assert Swirl.data_files == ("lab/swirl.npz",) and Swirl.variant_data_files("forecast") == ("lab/swirl.npz",)
+    task = Swirl("forecast", data_dir=str(tmp_path / "data"))
+    assert (tmp_path / "data" / "lab" / "swirl.npz").read_bytes() == raw  # the first writable directory
+    d = task.train_data()
+    assert np.array_equal(d.marginals[2].x, xs[2]) and np.array_equal(d.marginals[2].v, vs[2])
+    (tmp_path / "data" / "lab" / "swirl.npz").write_bytes(raw[:-1])
+    with pytest.raises(PopbenchError, match="corrupted or the wrong file"):
+        Swirl("forecast", data_dir=str(tmp_path / "data"))

@@ -9,7 +9,11 @@ Each check raises :class:`ConformanceError` naming the first broken rule. What t
 - ``check_task``: variants are declared; training data and queries are well formed (shapes,
   finite values, float arrays, sorted times, groups); the same seed gives the same data; the task
   and its simulator (if any) pickle; targets are not training marginals in disguise when a query
-  says ``test``.
+  says ``test``; ``summarize`` and ``extra_columns`` give table cells (no two queries fill the same
+  column, a target a method cannot answer does not break them); the table attributes hold what they
+  promise (``column_averages`` names declared variants, and this variant fills the columns it is
+  named for; ``paper_table`` and the cells' paper variants exist among the published numbers;
+  ``resembles`` names a registered family); the data files are registered.
 - ``check_method``: the class pickles before ``fit`` (it travels to Ray workers); ``fit`` gets a
   :class:`TrainData` only, as the runner gives it (without velocities unless the method declares
   ``uses_velocities``), and ``predict`` a start marginal the same way; ``predict`` returns one
@@ -20,14 +24,26 @@ Each check raises :class:`ConformanceError` naming the first broken rule. What t
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from typing import Any
 
 import numpy as np
 
-from harness.protocol import Marginal, Method, Prediction, Query, Task, TrainData, target_within_training
+from harness.protocol import (
+    Marginal,
+    Method,
+    Prediction,
+    Query,
+    TableColumn,
+    Task,
+    TrainData,
+    target_within_training,
+)
 
 
 class ConformanceError(AssertionError):
@@ -89,7 +105,85 @@ def check_task(task_cls: type[Task], variant: str | None = None, seed: int = 0, 
         out = sim(q.start, q.times[:2], seed)
         if len(out) != min(2, len(q.times)) or np.asarray(out[0]).shape != q.start.x.shape:
             _fail("simulator(start, times, seed) must return one (n, d) array per time")
+    _check_columns(task_cls, task, queries)
+    _check_table_attributes(task_cls)
     return task
+
+
+def _cells(where: str, cells: Any, allow_nan: bool) -> dict[TableColumn, float]:
+    if not isinstance(cells, Mapping):
+        _fail(f"{where} must return a dict of TableColumn -> float, got {type(cells).__name__}")
+    for c, v in cells.items():
+        if not (isinstance(c, TableColumn) and isinstance(c.group, str) and isinstance(c.key, str) and c.key):
+            _fail(f"{where}: {c!r} is not a TableColumn with a string group and a non-empty key")
+        if not isinstance(v, (int, float)) or not (math.isfinite(v) or allow_nan):
+            _fail(f"{where}: column {c.key!r} holds {v!r}, not a finite number")
+    return dict(cells)
+
+
+def _check_columns(task_cls: type[Task], task: Task, queries: list[Query]) -> None:
+    """summarize / extra_columns on made-up W1s: well typed, no column filled twice, NaN-proof."""
+    cells: dict[TableColumn, float] = {}
+    for q in queries:
+        w = [1.0 + i for i in range(len(q.targets))]
+        mine = _cells(f"summarize(query {q.name!r})", task.summarize(q, w), allow_nan=False)
+        if not mine:
+            _fail(f"summarize(query {q.name!r}) gives no table cell")
+        twice = [c.key for c in mine if c in cells]
+        if twice:
+            _fail(f"queries fill the same column {twice[0]!r} (group {next(c for c in mine if c in cells).group!r}): "
+                  "one overwrites the other's number")
+        cells.update(mine)
+        _cells(f"summarize(query {q.name!r}) for targets no method answered",
+               task.summarize(q, [math.nan] * len(q.targets)), allow_nan=True)
+    extra = _cells("extra_columns", task.extra_columns(dict(cells)), allow_nan=False)
+    if set(extra) & set(cells):
+        _fail(f"extra_columns gives column {next(iter(set(extra) & set(cells))).key!r}, which summarize already fills")
+    cells.update(extra)
+    for (group, key), variants in task_cls.column_averages.items():
+        if task.variant in variants and TableColumn(group, key) not in {TableColumn(c.group, c.key) for c in cells}:
+            _fail(f"column_averages says column ({group!r}, {key!r}) averages {task.variant!r}, "
+                  "but that variant does not fill it")
+    pvs = {c.paper_variant for c in cells if c.paper_variant}
+    if task_cls.paper_table and pvs:
+        published = _published(task_cls.family)
+        missing = sorted(pv for pv in pvs if pv not in {v for _, v in published})
+        if missing:
+            _fail(f"cells name paper variant {missing[0]!r}, which the published numbers of "
+                  f"{task_cls.family!r} do not hold")
+
+
+def _published(family: str) -> set[tuple[int, str]]:
+    """(table, variant) pairs of a family in the published numbers (harness/reference)."""
+    with resources.files("harness").joinpath("reference/paper_results.csv").open() as fh:
+        return {(int(r["table"]), r["variant"]) for r in csv.DictReader(fh) if r["task"] == family}
+
+
+def _check_table_attributes(task_cls: type[Task]) -> None:
+    name = task_cls.__name__
+    for attr in ("description", "table_protocol", "table_note"):
+        if not isinstance(getattr(task_cls, attr), str):
+            _fail(f"{name}.{attr} must be a string")
+    for (group, key), variants in task_cls.column_averages.items():
+        unknown = [v for v in variants if v not in task_cls.variants]
+        if not isinstance(group, str) or not isinstance(key, str) or unknown:
+            _fail(f"{name}.column_averages[({group!r}, {key!r})] names {unknown or variants!r}, not variants of "
+                  f"{task_cls.family!r}")
+    if task_cls.paper_table:
+        published = _published(task_cls.family)
+        for group, entry in task_cls.paper_table.items():
+            if not (isinstance(entry, tuple) and len(entry) == 2 and tuple(entry) in published):
+                _fail(f"{name}.paper_table[{group!r}] = {entry!r} is not a (table, variant) of the published "
+                      f"numbers of {task_cls.family!r}")
+    from harness import data, registry
+
+    likes = task_cls.resembles.values() if isinstance(task_cls.resembles, Mapping) else [task_cls.resembles]
+    for like in filter(None, likes):
+        if like.split("/")[0] not in registry.BUILTIN_TASKS:
+            _fail(f"{name}.resembles names {like!r}; a shipped family is one of {', '.join(registry.BUILTIN_TASKS)}")
+    for f in {f for v in task_cls.variants for f in task_cls.variant_data_files(v)} | set(task_cls.data_files):
+        if f not in data.REGISTRY:
+            _fail(f"{name} names data file {f!r}, which is not registered (harness.data.register)")
 
 
 def check_prediction(pred: Any, start: Marginal, times: Sequence[float], where: str = "predict") -> None:

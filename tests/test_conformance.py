@@ -1,5 +1,8 @@
 """One shared conformance check for every registered method and task, and the checker itself."""
 
+import re
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,7 @@ from harness import registry
 from harness.conformance import ConformanceError, check_method, check_task
 from harness.protocol import Capabilities, PopbenchError, Prediction
 from methods.reference import Static
+from tasks.ou import OU
 
 
 @pytest.mark.parametrize("name", list(registry.BUILTIN_METHODS))
@@ -84,3 +88,60 @@ class SeesNoVelocities(Static):
 
 def test_the_checker_hands_fit_what_the_runner_does():
     check_method(SeesNoVelocities)  # ou's t0 has velocities: only a declaring method gets them
+
+
+# ---------------------------------------------------------------------------------------------
+# check_task: the table side of a task (summarize, columns, paper attributes, resembles, files)
+
+
+class TwoRollouts(OU):  # two rollout queries both fill Train/Forecast W1: one overwrites the other
+    def queries(self):
+        (q,) = super().queries()
+        return [q, replace(q, name="again")]
+
+
+class StringColumns(OU):
+    def summarize(self, query, w1):
+        return {"train_w1": 0.1}
+
+
+class AveragesAStranger(OU):
+    column_averages = {("paired", "train_w1"): ("paired", "sideways")}
+
+
+class AveragesWhatItNeverFills(OU):
+    column_averages = {("paired", "w1_mean_holdouts"): ("paired", "unpaired")}
+
+
+class WrongPaperTable(OU):
+    paper_table = {"paired": (1, "mean-of-7/paired")}
+
+
+class ResemblesATypo(OU):
+    resembles = "gf_sd"
+
+
+class UnregisteredFile(OU):
+    data_files = ("lab/not-registered.npz",)
+
+
+@pytest.mark.parametrize("cls, msg", [
+    (TwoRollouts, "fill the same column 'train_w1'"), (StringColumns, "is not a TableColumn"),
+    (AveragesAStranger, "names ['sideways'], not variants"), (AveragesWhatItNeverFills, "does not fill it"),
+    (WrongPaperTable, "is not a (table, variant) of the published numbers"), (ResemblesATypo, "'gf_sd'"),
+    (UnregisteredFile, "not registered"),
+], ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_the_checker_catches_broken_tasks(cls, msg):
+    with pytest.raises(ConformanceError, match=re.escape(msg)):
+        check_task(cls, "paired")
+
+
+class LikeGF(OU):
+    resembles = "gf_sde"
+
+
+def test_the_checker_accepts_a_published_family_and_a_resemblance():
+    check_task(LikeGF, "paired")
+    from tasks.gf_sde import GFSDE
+
+    check_task(GFSDE, "quadratic-paired")  # its paper table and paper variants are published ones

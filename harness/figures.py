@@ -41,6 +41,13 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
     (e.g. an interpolation-only method at a forecast time). With ``include_partial`` a method
     whose job stopped early (status ``partial``) is drawn too, labelled ``<method> (partial)``.
     ``profile``: only jobs of that profile. A method stored with several settings is refused."""
+    return _rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial, profile)[:3]
+
+
+def _rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial, profile):
+    """:func:`rollout_panels`, plus the query each time's panels come from (the first query that
+    targets that time: ``boids/unseen-init``'s three mixtures share their times, so its figure
+    shows the first mixture) and every query of the task."""
     store = RunStore(run_dir)
     task = registry.tasks.load(family)(variant, seed=seed, data_dir=data_dir)
     preds: dict[str, dict] = {}
@@ -66,11 +73,13 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
     # the first query that asks for that time, or None: an empty "—" panel (e.g. an
     # interpolation-only method under the forecast columns), so no method hides another's times
     truth_at: dict[float, np.ndarray] = {}
+    query_at: dict[float, str] = {}
     answers: dict[str, dict[float, np.ndarray]] = {m: {} for m in preds}
     for q in task.queries():
         for tg in q.targets:
             t = next((t for t in truth_at if abs(tg.t - t) < 1e-9), tg.t)
             truth_at.setdefault(t, tg.x)
+            query_at.setdefault(t, q.name)
             for m, arrs in preds.items():
                 ts = arrs.get(f"{q.name}/times")
                 hit = np.flatnonzero(np.abs(ts - tg.t) < 1e-9) if ts is not None else []
@@ -81,7 +90,7 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
     by_method = {m: [answers[m].get(t) for t in times] for m in preds}
     if not times:
         raise PopbenchError(f"the stored predictions answer no target time on {family}/{variant}")
-    return times, truth, by_method
+    return times, truth, by_method, [query_at[t] for t in times], [q.name for q in task.queries()]
 
 
 def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], path: str | Path,
@@ -90,10 +99,15 @@ def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequ
     """Truth row, then one row per method, columns = target times (every query's targets, in time
     order; at most ``max_panels`` of them, evenly spread); a method that does not answer a time
     gets an empty panel marked "—". ``include_partial``: as in :func:`rollout_panels`."""
-    times, truth, by_method = rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial,
-                                             profile)
-    return plots.plot_rollouts(times, truth, by_method, path,
-                               title=f"{family}/{variant} (seed {seed}, {Path(run_dir).name})", max_panels=max_panels)
+    times, truth, by_method, queries, every = _rollout_panels(run_dir, family, variant, methods, seed, data_dir,
+                                                              include_partial, profile)
+    names = list(dict.fromkeys(queries))
+    shown = (f"query {names[0]}" if len(names) == 1 else "queries " + ", ".join(names))
+    others = [q for q in every if q not in names]
+    title = (f"{family}/{variant}, {shown}" + (f" (not shown: {', '.join(others)})" if others else "")
+             + f"; seed {seed}, run {Path(run_dir).name}\n"
+             "top row: the true population at each target time; below it, each method's prediction of it")
+    return plots.plot_rollouts(times, truth, by_method, path, title=title, max_panels=max_panels)
 
 
 def stored_curves(run_dir: str | Path, method: str, keys: Sequence[str], family: str | None = None,

@@ -5,7 +5,8 @@
   query whose populations are not on that grid (``boids/unseen-init``). 2-D scatter; for higher
   dimensions (EB) the first two coordinates.
 - :func:`plot_rollouts`: the paper's Figure 5 layout: the truth in the first row, one row per
-  method below, columns = times, shared axes.
+  method below, columns = times, shared axes kept on the bulk of the truth (the figure counts the
+  points that fall outside them).
 - :func:`plot_curves`: loss / friction curves, a panel per variant, a line per seed.
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, so importing this
@@ -51,10 +52,11 @@ def _pick(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
 
 
-def _limits(arrays: Sequence[np.ndarray], pad: float = 0.08) -> tuple[tuple[float, float], tuple[float, float]]:
+def _limits(arrays: Sequence[np.ndarray], pad: float = 0.08, lo_q: float = 0.1,
+            hi_q: float = 99.9) -> tuple[tuple[float, float], tuple[float, float]]:
     pts = np.concatenate([np.asarray(a)[:, :2] for a in arrays])
-    lo = np.percentile(pts, 0.1, axis=0)  # a few far outliers must not shrink every panel
-    hi = np.percentile(pts, 99.9, axis=0)
+    lo = np.percentile(pts, lo_q, axis=0)  # a few far outliers must not shrink every panel
+    hi = np.percentile(pts, hi_q, axis=0)
     span = np.maximum(hi - lo, 1e-9)
     lo, hi = lo - pad * span, hi + pad * span
     return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
@@ -122,7 +124,9 @@ def plot_marginals(task: Any, path: str | os.PathLike, max_panels: int = 11) -> 
             _scatter(ax, x, color)
             ax.set_title(f"t={t:g}" + ("" if kind == "train" else f" ({kind})"), fontsize=7,
                          color=HELDOUT_COLOR if kind not in ("train", "start") else "black")
-        axes[r, 0].set_ylabel(label, fontsize=8)
+            if r == len(rows) - 1 or c >= len(picked[r + 1]):  # no panel below this one
+                ax.set_xlabel("$x_1$", fontsize=7)
+        axes[r, 0].set_ylabel(f"{label}\n$x_2$", fontsize=8)
     title = f"{task.name}: marginals over time (grey: training, violet: held out / scored)"
     if dim > 2:
         title += f"; first 2 of {dim} coordinates"
@@ -137,34 +141,64 @@ def plot_rollouts(
     path: str | os.PathLike,
     title: str = "",
     max_panels: int = 11,
+    axis_labels: tuple[str, str] = ("$x_1$", "$x_2$"),
 ) -> Path:
     """The paper's Figure 5: the truth (first row) and one row per method, columns = times. A
-    ``None`` prediction (the method does not answer that time) is an empty panel marked "—"."""
+    ``None`` prediction (the method does not answer that time) is an empty panel marked "—".
+
+    The axes stay on the bulk of the truth (:func:`truth_limits`), so a few runaway particles of
+    a prediction cannot shrink the population to a dot; the figure says how many points of each
+    row fall outside them."""
     cols = _pick(len(times), max_panels)
     names = list(predictions)
     fig, axes = _figure(1 + len(names), len(cols))
-    pool = [truth[i] for i in cols] + [predictions[n][i] for n in names for i in cols if predictions[n][i] is not None]
-    xlim, ylim = _limits(pool)
-    for c, i in enumerate(cols):
-        axes[0, c].set_title(f"t={times[i]:g}", fontsize=7)
-        for r, (label, arr, color) in enumerate(
-            [("ground truth", truth[i], TRAIN_COLOR)]
-            + [(n, predictions[n][i], PRED_COLORS[k % len(PRED_COLORS)]) for k, n in enumerate(names)]
-        ):
+    xlim, ylim = truth_limits([truth[i] for i in cols])
+    dim = np.asarray(truth[0]).shape[1]
+    rows = [("ground truth", [truth[i] for i in cols], TRAIN_COLOR)] + [
+        (n, [predictions[n][i] for i in cols], PRED_COLORS[k % len(PRED_COLORS)]) for k, n in enumerate(names)]
+    outside = []
+    for r, (label, arrs, color) in enumerate(rows):
+        n_out = n_all = 0
+        for c, arr in enumerate(arrs):
             ax = axes[r, c]
             if arr is None:
                 ax.text(0.5, 0.5, "—", transform=ax.transAxes, ha="center", va="center", fontsize=14, color="0.5")
             else:
                 _scatter(ax, arr, color)
+                n_out += _count_outside(arr, xlim, ylim)
+                n_all += len(arr)
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
             ax.set_box_aspect(_box_aspect(xlim, ylim))
             ax.tick_params(labelsize=6)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
+            if r == 0:
+                ax.set_title(f"t={times[cols[c]]:g}", fontsize=7)
+            if r == len(rows) - 1:
+                ax.set_xlabel(axis_labels[0], fontsize=7)
+        axes[r, 0].set_ylabel(f"{label}\n{axis_labels[1]}", fontsize=8)
+        if n_out:
+            outside.append(f"{label} {n_out:,} of {n_all:,}")
+    note = ("axes: the truth's 0.5-99.5% range per coordinate, padded; points outside them: "
+            + ("; ".join(outside) if outside else "none"))
+    if dim > 2:
+        note += f"; coordinates 1 and 2 of {dim}"
+    fig.supxlabel(note, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def truth_limits(truth: Sequence[np.ndarray], lo_q: float = 0.5, hi_q: float = 99.5,
+                 pad: float = 0.15) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Axis limits on the bulk of the true populations: per coordinate, the ``lo_q``-``hi_q``
+    percentiles of every true point pooled, widened by ``pad`` of that span on each side."""
+    return _limits(truth, pad=pad, lo_q=lo_q, hi_q=hi_q)
+
+
+def _count_outside(x: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float]) -> int:
+    x = np.asarray(x)
+    inside = (x[:, 0] >= xlim[0]) & (x[:, 0] <= xlim[1]) & (x[:, 1] >= ylim[0]) & (x[:, 1] <= ylim[1])
+    return int((~inside).sum())
 
 
 def plot_curves(
@@ -211,4 +245,4 @@ def plot_curves(
     return _save(fig, path)
 
 
-__all__ = ["plot_curves", "plot_marginals", "plot_rollouts"]
+__all__ = ["plot_curves", "plot_marginals", "plot_rollouts", "truth_limits"]

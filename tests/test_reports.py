@@ -1,4 +1,5 @@
-"""Tables: aggregation against a hand computation, golden Markdown and LaTeX, --compare paper."""
+"""Tables: aggregation against a hand computation, golden Markdown and LaTeX, --compare paper, marks,
+captions, LaTeX that compiles onto a page; rollout figures."""
 
 import math
 
@@ -446,3 +447,61 @@ def test_tables_rendered_from_a_publication_compile_without_an_overfull_box(publ
     for tex in texs:
         problems, _ = compile_tex(tex.read_text(), tmp_path / tex.stem)
         assert not problems, f"{tex.name} from {published}: {problems[:3]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures (harness.figures, harness.plots)
+
+
+def _drawn(monkeypatch) -> dict:
+    """Keep the figure that harness.plots would save, to look at it."""
+    from harness import plots
+
+    drawn: dict = {}
+
+    def keep(fig, path):
+        drawn["fig"] = fig
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return drawn
+
+
+def test_rollout_axes_stay_on_the_truth_are_labelled_and_the_figure_counts_what_falls_outside(tmp_path, monkeypatch):
+    from harness import plots
+
+    drawn = _drawn(monkeypatch)
+    rng = np.random.default_rng(0)
+    truth = [rng.normal(size=(500, 2)) for _ in range(3)]
+    runaway = [x + 0.1 for x in truth]
+    runaway[2][:5] = 4000.0  # five particles pushed far out, as a learned potential can (Boids)
+    plots.plot_rollouts([1.0, 2.0, 3.0], truth, {"m": runaway, "n": [None, truth[1], truth[2]]}, tmp_path / "r.png",
+                        title="what it shows")
+    fig = drawn["fig"]
+    axes = np.array(fig.axes).reshape(3, 3)
+    for ax in axes.flat:  # shared: the bulk of N(0, 1), not 4,000
+        lo, hi = ax.get_xlim()
+        assert -6 < lo < -2 and 2 < hi < 6
+    assert [ax.get_xlabel() for ax in axes[-1]] == ["$x_1$"] * 3 and not axes[0, 0].get_xlabel()
+    assert [ax.get_ylabel().split("\n") for ax in axes[:, 0]] == [["ground truth", "$x_2$"], ["m", "$x_2$"],
+                                                                   ["n", "$x_2$"]]
+    note = fig._supxlabel.get_text()  # "axes: ...; points outside them: ground truth 2 of 1,500; m 7 of 1,500"
+    counts = {m.group(1): (int(m.group(2)), m.group(3)) for m in re.finditer(r"(?:: |; )([\w ]+?) (\d+) of ([\d,]+)", note)}
+    assert 5 <= counts["m"][0] <= 10 and counts["m"][1] == "1,500"  # the five runaways, and m's few in the tails
+    assert counts.get("n", (0, "1,000"))[1] == "1,000"  # the "—" panel holds no points
+    assert fig._suptitle.get_text() == "what it shows"
+    # the 0.5-99.5% range of each coordinate, widened by 15% of it on each side
+    np.testing.assert_allclose(plots.truth_limits([np.array([[0.0, 0.0], [1.0, 2.0]])]), [[-0.15, 1.15], [-0.3, 2.3]],
+                               atol=0.02)
+
+
+def test_a_rollout_figure_says_which_query_it_shows(tmp_path, monkeypatch):
+    from harness.figures import rollout_figure
+    from harness.store import RunStore
+    from harness.sweep import plan_jobs, run_plan
+
+    run_plan(plan_jobs("ou/paired", "static", "smoke", [0]), RunStore(tmp_path), executor="serial", progress=False)
+    drawn = _drawn(monkeypatch)
+    rollout_figure(tmp_path, "ou", "paired", ["static"], tmp_path / "r.png")
+    title = drawn["fig"]._suptitle.get_text()
+    assert title.startswith("ou/paired, query rollout; seed 0") and "top row: the true population" in title

@@ -375,7 +375,7 @@ def build_table(
     latex_rows: list[list[TexCell]] = []
     latex_labels: list[str] = []
     row_variants: list[str] = []
-    flagged = floor_flagged = fewer = not_run = partial_cells = uncompared = ranked = dash = False
+    flagged = floor_flagged = fewer = not_run = partial_cells = uncompared = ranked = second = dash = False
     some_v = False
     disagreements = compared = 0
     for variant in variants:
@@ -432,7 +432,7 @@ def build_table(
                 if r == 0:
                     text, tex, ranked = f"**{text}**", f"\\textbf{{{tex}}}", True
                 elif r == 1:
-                    text, tex, ranked = f"<u>{text}</u>", f"\\underline{{{tex}}}", True
+                    text, tex, ranked, second = f"<u>{text}</u>", f"\\underline{{{tex}}}", True, True
                 if m not in REFERENCE_METHODS and not short(s, ck):  # static's cell averages other variants
                     st = stat("static", variant, *ck)
                     if st is not None and math.isfinite(st["mean"]) and round(mean, digits) >= round(float(st["mean"]), digits):
@@ -499,8 +499,9 @@ def build_table(
              "each cell averages the family's variants per seed, then " if averages else "")
     caption = (f"{family}: exact W1 (lower is better){'; ' + proto if proto else ''}; {scope}{seeds}"
                + (f"; profile {profile}" if profile else "") + (f"; {hardware}" if hardware else "") + ".")
-    if ranked:
-        caption += " Bold best, underlined second among learners."
+    ranking = ("Bold best, underlined second among learners." if second else "Bold: the best learner.") if ranked else ""
+    if ranking:
+        caption += " " + ranking
     if dash:
         caption += " — = the method cannot answer (e.g. interpolation-only)."
     short_seeds = ("one seed" if seeds_n and max(seeds_n) == 1 else
@@ -516,8 +517,8 @@ def build_table(
     notes.append(("", _latex_escape(first + how + (f"; run on {hardware}" if hardware else "") + ".")))
     if ranked or dash:
         notes.append(("", _latex_escape(" ".join(
-            (["Bold best, underlined second among learners (the reference rows static, velocity_extrapolation "
-              "and oracle are not ranked)."] if ranked else [])
+            ([ranking[:-1] + " (the reference rows static, velocity_extrapolation and oracle are not ranked)."]
+             if ranked else [])
             + (["— = the method cannot answer (e.g. interpolation-only)."] if dash else []))))) 
     if flagged:
         notes.append(("† does not beat `static` on this column.",

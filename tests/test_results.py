@@ -1,5 +1,6 @@
-"""The README's results section quotes committed results files verbatim (no hand-typed numbers), and
-cheap committed jobs still come out of today's code with the published numbers."""
+"""results/README.md quotes the published tables verbatim and the README's headline table is computed
+from them (no hand-typed numbers), and cheap committed jobs still come out of today's code with the
+published numbers."""
 
 import importlib.util
 import re
@@ -18,28 +19,54 @@ refresh = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(refresh)
 
 
-def test_every_table_the_readme_quotes_is_the_committed_file_verbatim():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
-    quotes = [(m.group("path"), m.group("body")) for m in refresh.QUOTE.finditer(section)]
-    assert quotes, "the results section quotes no results file"
+def test_every_table_results_readme_quotes_is_the_committed_file_verbatim():
+    text = refresh.RESULTS_README.read_text()
+    quotes = [(m.group("path"), m.group("body")) for m in refresh.QUOTE.finditer(text)]
+    assert quotes, "results/README.md quotes no results file"
     for rel, body in quotes:
-        assert (ROOT / rel).exists(), f"{rel} is quoted in the README but not committed"
-        assert body == refresh.table_body(rel), f"the README's copy of {rel} is stale: run python results/refresh_readme.py"
-    for img in re.findall(r"\]\((results/[^)]+\.png)\)", section):
-        assert (ROOT / img).exists(), f"the README shows {img}, which is not committed"
+        assert (ROOT / rel).exists(), f"{rel} is quoted in results/README.md but not committed"
+        assert body == refresh.table_body(rel), f"results/README.md's copy of {rel} is stale: run python results/refresh_readme.py"
+    published = {p.relative_to(ROOT).as_posix() for p in (ROOT / "results").glob("*/table*/*.md")}
+    assert published <= {rel for rel, _ in quotes}, f"published but not in results/README.md: {sorted(published - {rel for rel, _ in quotes})}"
+    for img in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert (refresh.RESULTS_README.parent / img).exists(), f"results/README.md shows {img}, which is not committed"
+
+
+def test_the_readme_headline_is_computed_from_the_published_tables():
+    readme = refresh.README.read_text()
+    m = refresh.HEADLINE.search(readme)
+    assert m, "the README has no headline table between its markers"
+    assert m.group("body") == refresh.headline(), "the README's headline table is stale: run python results/refresh_readme.py"
+    # every number in it is a cell of a published aggregate CSV, or the paper's
+    body = m.group("body")
+    assert "GF-SDE paired, Forecast W1" in body and "Boids, Forecast W1" in body
+    assert refresh.main(["--check"]) == 0
 
 
 def test_every_quote_is_matched_alone_and_an_empty_one_is_filled(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    n_open, n_close = readme.count("<!-- quote: "), readme.count("<!-- /quote -->")
-    assert n_open == n_close == len(refresh.QUOTE.findall(readme))
+    text = refresh.RESULTS_README.read_text()
+    n_open, n_close = text.count("<!-- quote: "), text.count("<!-- /quote -->")
+    assert n_open == n_close == len(refresh.QUOTE.findall(text))
     # a freshly written empty quote followed by another quote: each gets its own file, nothing between
     # them is lost (the pattern once matched from the empty quote to the next quote's end)
     rel = "results/quick/table2/vortex.md"
     text = f"<!-- quote: {rel} -->\n<!-- /quote -->\n\nkeep me\n\n<!-- quote: {rel} -->\nSTALE BODY\n<!-- /quote -->\n"
     out = refresh.refresh(text)
     assert "keep me" in out and out.count(refresh.table_body(rel)) == 2 and "STALE BODY" not in out
+
+
+def test_the_user_facing_docs_name_no_internal_history_and_no_path_outside_the_project():
+    """README, docs/ and results/README.md speak of the project only."""
+    pages = [ROOT / "README.md", refresh.RESULTS_README, *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for pattern in (r"\.\./shared", r"shared/spec", r"\bthis (CPU|session|machine)\b", r"\b[Ii]ssue #?\d",
+                        r"\b(two|three|four|a later|the next|previous) sessions?\b", r"session's end"):
+            found = re.search(pattern, text)
+            assert not found, f"{page.relative_to(ROOT)} says {found.group(0)!r}: internal history, or a path users lack"
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250, "the README is for a 5-minute read: at most 250 lines"
+    for link in re.findall(r"\]\(((?:docs|results)/[^)#]+)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / link).exists(), f"the README links to {link}, which does not exist"
 
 
 # Cheap committed quick-profile jobs, rerun by today's code: a published number that the code no longer

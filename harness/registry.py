@@ -41,6 +41,9 @@ BUILTIN_METHODS: dict[str, str] = {
     "uam": "methods.action_matching:UAM",
     "sam": "methods.action_matching:SAM",
     "dice": "methods.dice:DICE",
+    "sbirr": "methods.sbirr:SBIRR",
+    "vanilla_sb": "methods.sbirr:VanillaSB",
+    "snap_mmd": "methods.snap_mmd:SnapMMD",
 }
 """Reference rows first, then the learners in the paper's order."""
 

@@ -411,8 +411,10 @@ class Task(abc.ABC):
     """Base class of a task family. An instance is one variant with one seed.
 
     Subclasses set ``family``, ``variants`` (a tuple of variant names, without the family prefix),
-    ``has_simulator`` and ``data_files`` (names in ``harness.data``'s registry) as class
-    attributes, so listing them imports nothing heavy.
+    ``has_simulator`` and ``data_files`` (names in ``harness.data``'s registry, where a plugin adds
+    its own with ``harness.data.register``) as class attributes, so listing them imports nothing
+    heavy. Two templates fill most of this in: ``tasks.gf_sde.GradientFlowSDE`` (a gradient-flow
+    SDE) and ``tasks.snapshots.SnapshotTask`` (a snapshot file and a split).
     """
 
     family: ClassVar[str] = ""

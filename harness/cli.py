@@ -9,7 +9,9 @@
     python run_all.py restore --suite table2                            # ... and back into its run, to continue it
 
 Bad input (unknown name, empty selection, a method asked for what it cannot do, a missing data
-file) exits with code 2 and one sentence; a sweep in which any job failed exits with code 1.
+file, a malformed option) exits with code 2 and one sentence; a sweep in which any job did not
+finish ok exits with code 1; a run directory that cannot be written (a full disk) exits with 3
+(what was stored before is kept: rerun the same command to resume); an interrupt exits with 130.
 This module imports neither torch, JAX nor Ray: they load only inside the jobs that need them.
 """
 
@@ -29,14 +31,36 @@ DEFAULT_TASKS = "vortex/interpolation"
 DEFAULT_METHODS = "static,velocity_extrapolation,wlm"
 DEFAULT_PROFILE = "quick"
 COMMANDS = ("report", "fetch-data", "plot", "publish", "restore", "list")
+EXIT_STORE = 3  # the run directory could not be written (a full disk, permissions)
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows ``(default: X)`` after an option's help only where there is a default to show and the
+    help does not state it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A malformed command line is bad input like any other: one sentence, exit 2 (no usage block)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise PopbenchError(f"{message} (see `{self.prog} --help`)")
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_all.py",
         description="popbench: run methods on population-dynamics tasks and print exact-W1 tables. "
         f"Other commands: {', '.join(COMMANDS)} (e.g. `run_all.py report --help`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--tasks", default=None,
                    help="task families, family/variant names or globs, comma-separated (e.g. gf_sde/*-unpaired); "
@@ -50,8 +74,9 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="seeds: 0,1,2 or 0-2 (default 0; a suite's own, 0,1,2, with --suite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="override a hyperparameter (JSON value), for one method or all")
-    p.add_argument("--executor", default=None, choices=("serial", "ray"),
-                   help="serial (default for one worker) or ray (default for more)")
+    p.add_argument("--executor", default=None, choices=("serial", "ray", "inline"),
+                   help="serial (default for one worker: each method in a process of its own), ray (default for "
+                   "more), or inline (everything in this process, for a debugger: no --timeout, no isolation)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel jobs (Ray; default 1, or every CPU of the cluster given by --address)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (implies --executor ray)")
@@ -67,12 +92,13 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=("paper",), default=None, help="show the paper's numbers beside ours")
     p.add_argument("--list", action="store_true", help="list tasks and methods with capabilities and extras")
     p.add_argument("--dry-run", action="store_true", help="print the job matrix and what is done, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress lines (one per finished job, and one for each long fit now and then)")
     return p
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_all.py report", description="Re-render tables from a stored run.")
+    p = _Parser(prog="run_all.py report", description="Re-render tables from a stored run.")
     p.add_argument("run_dir", help="a run directory (with rows.jsonl)")
     p.add_argument("--tasks", default=None, help="only these task families/variants")
     p.add_argument("--methods", default=None, help="only these methods")
@@ -149,14 +175,14 @@ def _merge_notes(*notes: dict[str, str]) -> dict[str, str]:
 
 
 def _fetch_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_all.py fetch-data", description="Download and verify data files.")
+    p = _Parser(prog="run_all.py fetch-data", description="Download and verify data files.")
     p.add_argument("names", nargs="*", help="file names from the data registry (default: all)")
     p.add_argument("--data-dir", default=None)
     return p
 
 
 def _plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_all.py plot",
+    p = _Parser(prog="run_all.py plot",
                                 description="Plot a task's marginals over time (and, with --run, methods' rollouts).")
     p.add_argument("--tasks", required=True, help="task families or family/variant names")
     p.add_argument("--seed", type=int, default=0)
@@ -170,7 +196,7 @@ def _plot_parser() -> argparse.ArgumentParser:
 
 
 def _publish_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_all.py publish",
         description="Write a suite's published outputs from its stored run: tables with the paper's numbers "
         "beside ours (Markdown, LaTeX, CSV, jobs.csv) and figures (rollouts against the truth, learned curves).")
@@ -189,7 +215,7 @@ def _publish_parser() -> argparse.ArgumentParser:
 
 
 def _restore_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_all.py restore",
         description="Put a published suite's rows back into its run directory (e.g. on a fresh clone or another "
         "machine), so that the suite's command skips the jobs already published and `publish` tabulates them with "
@@ -207,38 +233,48 @@ def _restore_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def cmd_list(out=sys.stdout) -> int:
-    from tabulate import tabulate
+def cmd_list(out=sys.stdout, width: int = 100) -> int:
+    """Methods as a table, tasks as wrapped blocks: all of it within ``width`` columns."""
+    import textwrap
 
     from harness import registry
 
-    rows = []
+    rows, sources = [], []
     for name in registry.methods.names():
+        e = registry.methods.entry(name)
+        if e.source != "builtin":
+            sources.append(f"{name}: {e.source}")
         try:
             cls = registry.methods.load(name)
         except PopbenchError as exc:
-            rows.append([name, "?", "?", "?", "?", f"broken: {exc}"])
+            rows.append([name, "?", "?", "?", "?", "?"])
+            sources.append(f"{name}: broken: {exc}")
             continue
         c = cls.capabilities
-        e = registry.methods.entry(name)
         rows.append([name, "yes" if c.interpolate else "no", "yes" if c.forecast else "no",
-                     "yes" if c.uses_velocities else "no", c.framework,
-                     (f"popbench[{c.extra}]" if c.extra else "-") + ("" if e.source == "builtin" else f" ({e.source})")])
+                     "yes" if c.uses_velocities else "no", c.framework, f"popbench[{c.extra}]" if c.extra else "-"])
     print("Methods", file=out)
-    print(tabulate(rows, headers=["name", "interpolate", "forecast", "velocities", "framework", "needs"],
-                   tablefmt="github"), file=out)
-    rows = []
+    table = [["name", "interpolate", "forecast", "velocities", "framework", "needs"], *rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
+    for i, r in enumerate(table):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+    for line in sources:  # plugins: where each comes from
+        print(textwrap.fill(line, width, subsequent_indent="    "), file=out)
+    print("\nTasks (an oracle re-simulates the true process)", file=out)
     for fam in registry.tasks.names():
         try:
             cls = registry.tasks.load(fam)
         except PopbenchError as exc:
-            rows.append([fam, "?", "?", f"broken: {exc}"])
+            print(textwrap.fill(f"{fam}: broken: {exc}", width, subsequent_indent="    "), file=out)
             continue
-        rows.append([fam, ", ".join(cls.variants), "yes" if cls.has_simulator else "no",
-                     ", ".join(cls.data_files) or "-", cls.description])
-    print("\nTasks", file=out)
-    print(tabulate(rows, headers=["family", "variants", "oracle", "data files", "description"],
-                   tablefmt="github"), file=out)
+        print(textwrap.fill(f"{fam}: {cls.description}", width, subsequent_indent="    "), file=out)
+        for label, text in (("variants", ", ".join(cls.variants)),
+                            ("oracle", "yes" if cls.has_simulator else "no (real data)"),
+                            ("data files", ", ".join(cls.data_files) or "none (generated)")):
+            print(textwrap.fill(f"{label}: {text}", width, initial_indent="    ", subsequent_indent="      ",
+                                break_on_hyphens=False), file=out)
     return 0
 
 
@@ -265,8 +301,10 @@ def _method_order(methods_selected: Sequence[str]) -> list[str]:
     return [*methods_selected, *[m for m in registry.BUILTIN_METHODS if m not in methods_selected]]
 
 
-def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, stream=sys.stdout,
-           extra_notes: dict[str, str] | None = None) -> None:
+def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, stream=None,
+           extra_notes: dict[str, str] | None = None, said: bool = True) -> None:
+    """Write the tables of these rows to ``out_dir`` and print them (Markdown) to ``stream``
+    (stdout by default); ``said``: end with a line saying where they were written."""
     from harness.reports import write_report
 
     families = list(dict.fromkeys(r["task"] for r in job_rows))
@@ -275,9 +313,11 @@ def render(job_rows, target_rows, out_dir, *, compare, method_order, profile, st
                           profile=profile, paper_tables=_paper_tables(families),
                           column_averages=_task_attr(families, "column_averages", {}),
                           protocols=_task_attr(families, "table_protocol", ""), notes=notes)
+    stream = stream or sys.stdout
     for t in tables:
         print("\n" + t.markdown(), file=stream)
-    print(f"Tables (Markdown, LaTeX, CSV) written to {out_dir}", file=stream)
+    if said:
+        print(f"Tables (Markdown, LaTeX, CSV) written to {out_dir}", file=stream)
 
 
 def _note_published(plan, store, suite: str, profile: str) -> None:
@@ -300,8 +340,12 @@ def _note_published(plan, store, suite: str, profile: str) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from harness.store import RunStore
-    from harness.sweep import default_run_dir, held_by, parse_overrides, parse_seeds, plan_jobs, run_plan
+    from harness.sweep import default_run_dir, held_by, parse_overrides, parse_seeds, plan_jobs, run_plan, sweep_outcome
 
+    for flag, value in (("--tasks", args.tasks), ("--methods", args.methods), ("--seeds", args.seeds)):
+        if value is not None and not value.strip():  # given, but empty: never the defaults
+            raise PopbenchError(f"{flag} {value!r} selects nothing: name at least one, or leave {flag} out "
+                                "for the default")
     if args.suite:
         from harness.suites import apply_suite
 
@@ -324,38 +368,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.suite:
         _note_published(plan, store, args.suite, args.profile)
     if args.dry_run:
-        from tabulate import tabulate
-
-        latest = store.latest_jobs()
-
-        def state(job) -> str:
-            r = latest.get(job.job_id) or {}
-            if r.get("status") == "ok":
-                return "done"
-            if r.get("status") == "partial":  # rerunning continues it from its checkpoint
-                lr = r.get("learned") or {}
-                text = f"partial ({lr.get('iterations')}/{lr.get('iterations_target')} its)"
-            else:
-                text = f"todo (last attempt {r['status']})" if r.get("status") else "todo"
-            holder = store.claimed_by(job.job_id)
-            if holder is not None:
-                text += f", running now ({held_by(holder)})"
-            ckpt = store.checkpoint_path(job.job_id)
-            if ckpt.exists() and r.get("status") != "partial":  # a killed attempt's, or a running one's
-                age = max(time.time() - ckpt.stat().st_mtime, 0.0)
-                text += f", checkpoint saved {age / 60:.0f} min ago" if age < 5400 else \
-                    f", checkpoint saved {age / 3600:.1f} h ago"
-            return text
-
-        rows = [[j.task, j.method, j.profile, j.seed, j.hparams_hash, state(j)] for j in plan.jobs]
-        print(tabulate(rows, headers=["task", "method", "profile", "seed", "hparams", "state"], tablefmt="github"))
-        n_todo = sum(r[-1] != "done" for r in rows)
-        print(f"\n{len(rows)} jobs, {len(rows) - n_todo} done, {n_todo} to run; run directory {run_dir}")
-        return 0
+        return _dry_run(plan, store, run_dir)
     executor = args.executor or ("ray" if ((args.workers or 1) > 1 or args.address) else "serial")
-    if executor == "serial" and (args.workers or 1) > 1:
-        raise PopbenchError(f"--workers {args.workers} runs jobs in parallel, which the serial executor does not: "
-                            "drop --executor serial")
+    if executor != "ray" and (args.workers or 1) > 1:
+        raise PopbenchError(f"--workers {args.workers} runs jobs in parallel, which the {executor} executor does not: "
+                            f"drop --executor {executor}")
+    if executor == "inline" and args.timeout is not None:
+        raise PopbenchError("--timeout kills a method in its own process, which --executor inline does not give it: "
+                            "drop one of them")
     if args.workers is None and not args.address:
         args.workers = 1  # with --address, None: as many jobs at once as the cluster has CPUs
     if executor == "ray":
@@ -373,18 +393,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store.record_invocation({"argv": sys.argv[1:], "tasks": args.tasks, "methods": args.methods,
                              "profile": args.profile, "seeds": seeds, "executor": executor,
                              "workers": args.workers, "timeout": args.timeout})
-    latest = run_plan(plan, store, executor=executor, workers=args.workers, address=args.address,
-                      timeout=args.timeout, force=args.force, progress=not args.no_progress, threads=args.threads)
+    run_plan(plan, store, executor=executor, workers=args.workers, address=args.address, timeout=args.timeout,
+             force=args.force, progress=not args.no_progress, threads=args.threads)
+    latest, elsewhere, vanished = sweep_outcome(plan, store)
     job_rows = list(latest.values())
-    ids = {(r["job_id"], r["attempt_id"]) for r in job_rows}
-    target_rows = [r for r in store.read_rows() if r.get("row_type") == "target"
-                   and (r["job_id"], r["attempt_id"]) in ids]
-    render(job_rows, target_rows, run_dir / "tables", compare=args.compare,
-           method_order=_method_order([m for m in dict.fromkeys(j.method for j in plan.jobs)]),
-           profile=args.profile)
-    # this process has released its claims: a claim held now is another process's, running that job
-    elsewhere = {j.job_id for j in plan.jobs if store.claimed_by(j.job_id) is not None}
-    vanished = [j for j in plan.jobs if j.job_id not in latest and j.job_id not in elsewhere]
+    stored = store.rows_of_latest_attempts()
+    refs = _reference_rows(stored, plan, latest)
+    ids = {(r["job_id"], r["attempt_id"]) for r in job_rows + refs}
+    target_rows = [r for r in stored if r.get("row_type") == "target" and (r["job_id"], r["attempt_id"]) in ids]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:  # this command's tables: printed, not kept
+        render(job_rows + refs, target_rows, Path(scratch), compare=args.compare,
+               method_order=_method_order([m for m in dict.fromkeys(j.method for j in plan.jobs)]),
+               profile=args.profile, said=False)
+    if refs:
+        names = ", ".join(dict.fromkeys(r["method"] for r in refs))
+        print(f"Beside this command's methods: the reference rows ({names}) this run holds for the same tasks, "
+              "profile and seeds.")
+    _render_run(stored, run_dir, compare=args.compare)
     bad = [r for r in job_rows if r.get("status") != "ok" and r["job_id"] not in elsewhere]
     for r in bad:
         print(f"{r['status']}: {r['method']} on {r['task']}/{r['variant']} seed {r['seed']}: {r.get('error')}",
@@ -398,6 +425,80 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(vanished)} of {len(plan.jobs)} jobs have no result: another process held them and stopped "
               "without one; rerun this command to run them", file=sys.stderr)
     return 1 if bad or elsewhere or vanished else 0
+
+
+def _reference_rows(stored: list[dict], plan, latest: dict[str, dict]) -> list[dict]:
+    """The ``ok`` reference rows (static, velocity extrapolation, oracle) the run holds for the
+    plan's task variants, profile and seeds, other than the plan's own jobs: a learner is read
+    against them."""
+    from harness.reports import REFERENCE_METHODS
+
+    want = {(j.family, j.variant, j.profile, j.seed) for j in plan.jobs}
+    return [r for r in stored if r.get("row_type") == "job" and r.get("method") in REFERENCE_METHODS
+            and r.get("status") == "ok" and r["job_id"] not in latest
+            and (r["task"], r["variant"], r["profile"], r["seed"]) in want]
+
+
+def _render_run(stored: list[dict], run_dir: Path, *, compare: str | None) -> None:
+    """Rewrite ``<run>/tables`` from every job the run holds (what ``report`` prints), so that it
+    never shows just the latest command's selection."""
+    rows, notes = _by_settings(stored)
+    job_rows, target_rows = _split(rows)
+    if not job_rows:
+        return
+    import io
+
+    profiles = sorted({r["profile"] for r in job_rows})
+    render(job_rows, target_rows, run_dir / "tables", compare=compare,
+           method_order=_method_order(list(dict.fromkeys(r["method"] for r in job_rows))),
+           profile="/".join(profiles), extra_notes=notes, stream=io.StringIO())
+    n_methods = len({r["method"] for r in job_rows})
+    n_tasks = len({(r["task"], r["variant"]) for r in job_rows})
+    print(f"Tables of the whole run ({_n(len(job_rows), 'job')}: {_n(n_methods, 'method')} on "
+          f"{_n(n_tasks, 'task variant')}; "
+          f"Markdown, LaTeX, CSV) written to {run_dir / 'tables'}; `python run_all.py report {run_dir}` prints them")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _dry_run(plan, store, run_dir: Path) -> int:
+    """The job matrix with each job's state; runs nothing."""
+    from tabulate import tabulate
+
+    from harness.sweep import held_by
+
+    latest = store.latest_jobs()
+
+    def state(job) -> str:
+        r = latest.get(job.job_id) or {}
+        if r.get("status") == "ok":
+            return "done"
+        if r.get("status") == "partial":  # rerunning continues it from its checkpoint
+            lr = r.get("learned") or {}
+            text = f"partial ({lr.get('iterations')}/{lr.get('iterations_target')} its)"
+        elif r.get("status"):
+            text = f"todo (last attempt {r['status']})"
+        elif store.log_path(job.job_id).exists():  # started before, never stored: its process was stopped
+            text = "todo (an attempt started and stored nothing: see its log)"
+        else:
+            text = "todo"
+        holder = store.claimed_by(job.job_id)
+        if holder is not None:
+            text += f", running now ({held_by(holder)})"
+        ckpt = store.checkpoint_path(job.job_id)
+        if ckpt.exists() and r.get("status") != "partial":  # a killed attempt's, or a running one's
+            age = max(time.time() - ckpt.stat().st_mtime, 0.0)
+            text += f", checkpoint saved {age / 60:.0f} min ago" if age < 5400 else \
+                f", checkpoint saved {age / 3600:.1f} h ago"
+        return text
+
+    rows = [[j.task, j.method, j.profile, j.seed, j.hparams_hash, state(j)] for j in plan.jobs]
+    print(tabulate(rows, headers=["task", "method", "profile", "seed", "hparams", "state"], tablefmt="github"))
+    n_todo = sum(r[-1] != "done" for r in rows)
+    print(f"\n{len(rows)} jobs, {len(rows) - n_todo} done, {n_todo} to run; run directory {run_dir}")
+    return 0
 
 
 def _stored_rows(run_dir, missing: str) -> list[dict]:
@@ -644,10 +745,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PopbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a file the command must read or write (disk full, permissions)
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
         return 1
+    except OSError as exc:  # a file the command must read or write (a full disk, permissions)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; what was stored before it is kept: make room (or fix the "
+              "permissions) and rerun the same command to resume", file=sys.stderr)
+        return EXIT_STORE
     except KeyboardInterrupt:
         print("interrupted: finished jobs are stored; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -1,22 +1,33 @@
 """Jobs and executors.
 
 A :class:`Job` is (task variant, method, profile, seed) plus its resolved hyperparameters.
-:func:`run_job` executes one job wherever it lands (this process, a child process, a Ray worker):
-build the task, fit the method on the training data, answer every query the method can answer,
-score each target with exact W1 (plus W2 and energy MMD) on the CPU, and return result rows. It
-never raises for a method's fault: a raising method gives a ``failed`` row, non-finite samples a
-``diverged`` row, each with the reason and the traceback.
+:func:`run_job` executes one job wherever it lands (the driver, a Ray worker): build the task and
+its training data, hand the training data to the method, let it fit, and only then build the
+queries' targets; ask the method for each query's predictions (it receives the start marginal and
+the target times), score each target with exact W1 (plus W2 and energy MMD) on the CPU, and return
+result rows. It never raises for a method's fault: a raising method gives a ``failed`` row,
+non-finite or astronomically large samples a ``diverged`` row, each with the reason and the
+traceback.
+
+The method runs in a process of its own (``isolate=True``, what both executors do): a fork-server
+child that receives the training data and, after ``fit``, the start marginals and times, and
+never a task, a query or a target. So a method cannot find a held-out marginal by inspecting its
+process, and a method that crashes, calls ``os._exit`` or is killed by the kernel fails its own
+job while the sweep goes on. ``isolate=False`` runs it in the calling process (a debugger's way):
+it still fits before any target is built, but shares the process with the task.
 
 Executors run a list of jobs and hand each finished job's rows to a callback (the store):
 
-- :class:`SerialExecutor`: in this process, one job after the other (debuggable with pdb). With a
-  timeout, each job runs in a fresh child process that is killed when its time is up.
+- :class:`SerialExecutor`: one job after the other; with a timeout, a method still running when
+  its time is up is killed. ``isolate=False`` (``--executor inline``): everything in this process.
 - :class:`RayExecutor`: jobs as Ray tasks, at most ``workers`` in flight, one CPU each. Jobs whose
   method declares ``num_gpus`` ask Ray for GPUs when the cluster has them and fall back to the CPU
   with a warning when it has none (a GPU request on a GPU-less cluster would wait forever). CPU jobs
   get ``JAX_PLATFORMS=cpu`` and an empty ``CUDA_VISIBLE_DEVICES``; GPU jobs get
   ``XLA_PYTHON_CLIENT_PREALLOCATE=false``. A job past its timeout is cancelled with
-  ``ray.cancel(force=True)``, which kills its worker process.
+  ``ray.cancel(force=True)``, which kills its worker process (and the method's with it). A cluster
+  the executor starts itself is watched by a small reaper process (:func:`start_reaper`) that
+  ends its processes if the driver is killed outright.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from harness.protocol import (
     PopbenchError,
     Prediction,
     TableColumn,
+    TrainData,
     target_within_training,
 )
 
@@ -170,6 +182,12 @@ def _peak_mem_mb(since_reset: bool = False) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+MAX_ABS = 1e30
+"""Predicted coordinates beyond this magnitude make a job ``diverged``: finite, but the squared
+distances of W2 overflow long before float64 does, and the stored float32 samples would not hold
+them."""
+
+
 def _check_prediction(pred: Any, start: Marginal, times: Sequence[float]) -> Prediction:
     if not isinstance(pred, Prediction):
         raise TypeError(f"predict returned {type(pred).__name__}, expected harness.protocol.Prediction")
@@ -187,6 +205,10 @@ def _check_prediction(pred: Any, start: Marginal, times: Sequence[float]) -> Pre
             raise ValueError("predict returned negative or all-zero weights")
     if not finite:
         raise DivergedError("the method returned non-finite samples")
+    big = max((float(np.max(np.abs(s))) for s in pred.samples if s.size), default=0.0)
+    if big > MAX_ABS:
+        raise DivergedError(f"the method returned samples as large as {big:.3g} (beyond {MAX_ABS:g}, where no "
+                            "distance between populations means anything)")
     return pred
 
 
@@ -218,7 +240,7 @@ class _Tee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _stderr_to_log(path: str | None):
+def _stderr_to_log(path: str | None, header: bool = True):
     """Copy everything the job writes to ``sys.stderr`` into its log file (appended per attempt).
     Under Ray, workers' output does not reach the driver's terminal: the log is where a long
     fit's progress can be followed (``tail -f``). A log that cannot be opened is skipped."""
@@ -232,9 +254,10 @@ def _stderr_to_log(path: str | None):
     if fh is None:
         yield
         return
-    fh.write(f"--- attempt started {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}, "
-             f"pid {os.getpid()}\n")
-    fh.flush()
+    if header:
+        fh.write(f"--- attempt started {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}, "
+                 f"pid {os.getpid()}\n")
+        fh.flush()
     try:
         with contextlib.redirect_stderr(_Tee(sys.stderr, fh)):
             yield
@@ -242,23 +265,266 @@ def _stderr_to_log(path: str | None):
         fh.close()
 
 
-def run_job(job: Job, num_threads: int = 1, device: str = "cpu") -> dict:
+class MethodFailure(Exception):
+    """A method's exception, relayed from its process: type name, message, traceback text."""
+
+    def __init__(self, kind: str, message: str, tb: str, diverged: bool = False):
+        super().__init__(message)
+        self.kind, self.message, self.tb, self.diverged = kind, message, tb, diverged
+
+
+class MethodDied(Exception):
+    """The method's process ended without answering (``os._exit``, a signal, the OOM killer)."""
+
+
+class MethodTimeout(Exception):
+    """The method was still running when the job's time was up (its process is killed)."""
+
+
+def _failure_info(exc: BaseException, prefix: str = "") -> dict:
+    return {"kind": type(exc).__name__, "message": prefix + str(exc), "tb": traceback.format_exc(),
+            "diverged": isinstance(exc, DivergedError)}
+
+
+def _read_only(obj: Any) -> Any:
+    """Training data and start marginals as the method gets them in any process: read-only arrays
+    (unpickling makes arrays writable again)."""
+    if isinstance(obj, TrainData):
+        for m in obj.marginals:
+            _read_only(m)
+    elif isinstance(obj, Marginal):
+        for a in (obj.x, obj.v):
+            if a is not None and a.flags.writeable:
+                a.setflags(write=False)
+    return obj
+
+
+class _MethodSide:
+    """The method's half of a job, in whichever process hosts it. It is given the simulator (the
+    oracle only), the training data, then start marginals and times: never a task or a target."""
+
+    def __init__(self, job: Job, device: str, num_threads: int):
+        self.job, self.device, self.num_threads = job, device, num_threads
+        self.method: Any = None
+        self.own_peak = False
+
+    def setup(self, simulator: Any) -> None:
+        from harness import registry
+
+        _set_threads(self.num_threads)
+        keep_freed_memory()
+        self.own_peak = _reset_peak_mem()
+        cls = registry.methods.load(self.job.method)
+        self.method = cls(self.job.hparams, seed=self.job.seed, device=self.device)
+        if self.job.checkpoint_path:
+            self.method.checkpoint_path = Path(self.job.checkpoint_path)
+        if simulator is not None:
+            self.method.attach_simulator(simulator)
+
+    def fit(self, data: TrainData) -> float:
+        t0 = time.perf_counter()
+        self.method.fit(data)
+        _set_threads(self.num_threads)  # fit imported the framework: pin it for predict too
+        return time.perf_counter() - t0
+
+    def predict(self, start: Marginal, times: list[float], seed: int) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        pred = self.method.predict(start, times, seed=seed)
+        return pred, time.perf_counter() - t0
+
+    def learned(self) -> tuple[dict, bool]:
+        return dict(self.method.learned() or {}), bool(self.method.used_velocities)
+
+    def resources(self) -> dict:
+        out: dict[str, Any] = {"peak_mem_mb": _peak_mem_mb(self.own_peak), "hardware": hardware(self.device)}
+        if self.device.startswith("cuda") and "torch" in sys.modules:
+            try:
+                import torch
+
+                out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            except Exception:  # noqa: BLE001 - a number for the row, never a failure
+                pass
+        return out
+
+
+class _InProcess:
+    """The method in the calling process (``isolate=False``)."""
+
+    def __init__(self, job: Job, device: str, num_threads: int, env: dict | None = None,
+                 timeout: float | None = None):
+        self.side = _MethodSide(job, device, num_threads)
+
+    def call(self, name: str, *args: Any) -> Any:
+        return getattr(self.side, name)(*args)
+
+    def resources(self) -> dict:
+        return self.side.resources()
+
+    def close(self) -> None:
+        pass
+
+
+def _host_main(conn, job: Job, device: str, num_threads: int, env: dict, parent_pid: int) -> None:
+    """A method's own process (a fork-server child): answer the job process's calls until told to stop."""
+    import signal
+
+    _exit_with_driver(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the job process, which ends this one
+    os.environ.clear()
+    os.environ.update(env)
+    with _stderr_to_log(job.log_path, header=False):
+        side = _MethodSide(job, device, num_threads)
+        while True:
+            try:
+                name, args = conn.recv()
+            except (EOFError, OSError):
+                return
+            if name == "exit":
+                return
+            try:
+                reply = ("ok", getattr(side, name)(*(_read_only(a) for a in args)))
+            except BaseException as exc:  # noqa: BLE001 - sys.exit in a method too: relayed as a failure
+                reply = ("raise", _failure_info(exc))
+            try:
+                conn.send(reply)
+            except Exception as exc:  # noqa: BLE001 - pickled before anything is written: the pipe is clean
+                conn.send(("raise", _failure_info(exc, f"{name}() returned a value that cannot leave the "
+                                                       "method's process: ")))
+
+
+_PRELOAD: list[str] = []
+
+
+def preload(frameworks: Sequence[str]) -> None:
+    """Frameworks for the fork server of the methods' processes to import once, before it starts
+    (later calls change nothing), so that each job's process starts with them loaded. Only torch:
+    importing it starts no CUDA, so a forked child still gets its own device and threads; JAX reads
+    ``JAX_PLATFORMS`` when it is imported, which must happen in the child, after its environment."""
+    for f in frameworks:
+        if f == "torch" and f not in _PRELOAD:
+            _PRELOAD.append(f)
+
+
+class _ChildProcess:
+    """The method in a process of its own (``isolate=True``): it receives only what the method may
+    see; its death fails the job, not the process running the job; ``timeout`` (seconds, from its
+    start) kills it."""
+
+    def __init__(self, job: Job, device: str, num_threads: int, env: dict | None = None,
+                 timeout: float | None = None):
+        import multiprocessing as mp
+
+        # a clean server process, forked per job: fast and thread-safe. It imports the harness and
+        # the frameworks of the jobs ahead (``preload``) once; a job's own imports come after.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["harness.runner", *_PRELOAD])
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_host_main, args=(child, job, device, num_threads,
+                                                          {**os.environ, **(env or {})}, os.getpid()))
+        self.proc.start()
+        child.close()
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.dead = self.busy = False
+
+    def call(self, name: str, *args: Any) -> Any:
+        from multiprocessing.connection import wait
+
+        if self.dead:
+            raise MethodDied("it had already ended")
+        self.busy = True  # until it answers: an interrupted call leaves it busy (and never asked again)
+        try:
+            self.conn.send((name, args))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            self._died()
+        while True:
+            left = None if self.deadline is None else self.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.close()
+                raise MethodTimeout(f"stopped after the {self.timeout:g} s timeout")
+            ready = wait([self.conn, self.proc.sentinel], timeout=left)
+            if self.conn in ready:
+                try:
+                    kind, value = self.conn.recv()
+                except (EOFError, OSError):
+                    self._died()
+                self.busy = False
+                if kind == "ok":
+                    return value
+                raise MethodFailure(**value)
+            if self.proc.sentinel in ready and not self.conn.poll(0.1):  # an answer may precede the exit
+                self._died()
+
+    def _died(self) -> None:
+        self.proc.join(5)  # its exit status may lag behind its closed pipe
+        self.dead = True
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            import signal
+
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        raise MethodDied(how)
+
+    def resources(self) -> dict:
+        if self.dead or self.busy:
+            return {}
+        try:
+            return self.call("resources")
+        except Exception:  # noqa: BLE001 - a number for the row, never a failure
+            return {}
+
+    def close(self) -> None:
+        if not self.dead and self.proc.is_alive():
+            try:
+                self.conn.send(("exit", ()))
+                self.proc.join(1)
+            except OSError:
+                pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.dead = True
+        self.conn.close()
+
+
+def _storable(scalars: dict, curves: dict) -> None:
+    """Raise a one-sentence TypeError unless every learned value can go into a JSON row."""
+    from harness.store import dumps
+
+    for key, value in {**scalars, **curves}.items():
+        try:
+            dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"learned() returned {key!r} as a {type(value).__name__}, which a result row cannot "
+                            f"store as JSON ({exc}); return numbers, strings, or lists and dicts of them") from None
+
+
+def run_job(job: Job, num_threads: int = 1, device: str = "cpu", *, isolate: bool = False,
+            timeout: float | None = None, env: dict | None = None) -> dict:
     """Run one job and return ``{"job": job_row, "targets": [target rows], "curves": {...},
     "predictions": {"<query>/times": ..., "<query>/samples": (T, n, d) float32, ...}}``.
 
-    Never raises for a failure of the task or the method: it returns a row with the status.
-    What the job writes to stderr is also appended to ``job.log_path`` when it is set.
+    ``isolate``: the method runs in a process of its own that never receives a target (see the
+    module docstring), with ``env`` added to its environment and killed after ``timeout`` seconds;
+    otherwise in this process (no timeout). Never raises for a failure of the task or the method:
+    it returns a row with the status. What the job writes to stderr is also appended to
+    ``job.log_path`` when it is set.
     """
+    if timeout is not None and not isolate:
+        raise ValueError("a timeout needs the method in a process of its own (isolate=True)")
     with _stderr_to_log(job.log_path):
-        return _run_job(job, num_threads, device)
+        return _run_job(job, num_threads, device, isolate, timeout, env)
 
 
-def _run_job(job: Job, num_threads: int, device: str) -> dict:
+def _run_job(job: Job, num_threads: int, device: str, isolate: bool, timeout: float | None,
+             env: dict | None) -> dict:
     from harness import metrics, registry
 
-    _set_threads(num_threads)
-    keep_freed_memory()
-    own_peak = _reset_peak_mem()
     started = time.time()
     base = _row_base(job, device)
     job_row: dict[str, Any] = {**base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
@@ -267,32 +533,31 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
     predictions: dict[str, np.ndarray] = {}
     phase = "setup"
     fit_s = predict_s = 0.0
+    host: Any = None
+    used: dict = {}
     try:
         task_cls = registry.tasks.load(job.family)
         method_cls = registry.methods.load(job.method)
+        caps = method_cls.capabilities
         task = task_cls(job.variant, seed=job.seed, data_dir=job.data_dir)
         phase = "data"
-        data = task.train_data()
-        queries = task.queries()
-        data = method_cls.capabilities.shown(data)  # only a method marked (v) may see velocities
-        method = method_cls(job.hparams, seed=job.seed, device=device)
-        if job.checkpoint_path:
-            method.checkpoint_path = Path(job.checkpoint_path)
-        caps = method_cls.capabilities
+        data = caps.shown(task.train_data())  # only a method marked (v) may see velocities
+        sim = None
         if caps.requires_simulator:
             sim = task.simulator()
             if sim is None:
                 raise PopbenchError(f"{job.method} needs a simulator and {job.task} has none")
-            method.attach_simulator(sim)
+        phase = "setup"
+        host = (_ChildProcess if isolate else _InProcess)(job, device, num_threads, env=env, timeout=timeout)
+        host.call("setup", sim)
         phase = "fit"
-        t0 = time.perf_counter()
-        method.fit(data)
-        fit_s = time.perf_counter() - t0
-        _set_threads(num_threads)  # fit imported the framework: pin it for predict too
+        fit_s = host.call("fit", data)
+        phase = "data"
+        queries = task.queries()  # the targets exist from here on: the method has fitted
         cells: dict[TableColumn, float] = {}
-        phase = "predict"
         starts_had_velocities = False
         for qi, q in enumerate(queries):
+            phase = "predict"
             start, times = q.request()
             start = caps.shown(start)
             starts_had_velocities |= start.v is not None
@@ -303,9 +568,9 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
             qseed = int(np.random.SeedSequence([job.seed, qi]).generate_state(1)[0])
             pred = None
             if asked_times:
-                t0 = time.perf_counter()
-                pred = _check_prediction(method.predict(start, asked_times, seed=qseed), start, asked_times)
-                predict_s += time.perf_counter() - t0
+                raw, seconds = host.call("predict", start, asked_times, qseed)
+                predict_s += seconds
+                pred = _check_prediction(raw, start, asked_times)
                 predictions[f"{q.name}/times"] = np.asarray(asked_times)
                 predictions[f"{q.name}/samples"] = np.stack(pred.samples).astype(np.float32)
                 if pred.weights is not None:
@@ -335,7 +600,6 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
                                 "error": "the method cannot " + ("interpolate" if target_within_training(tg.t, data) else "forecast")})
                     w1s.append(math.nan)
                 target_rows.append(row)
-            phase = "predict"
             cells.update(task.summarize(q, w1s))
         cells.update(task.extra_columns(cells))
         job_row["cells"] = [
@@ -343,7 +607,10 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
             for c, v in cells.items()
             if v is not None and math.isfinite(v)
         ]
-        scalars, curves = _split_learned(method.learned())
+        phase = "learned"
+        learned, used_velocities = host.call("learned")
+        scalars, curves = _split_learned(learned)
+        _storable(scalars, curves)
         job_row["learned"] = scalars
         if scalars.get("training_complete") is False:  # scored, but not the configured run
             done, target = scalars.get("iterations"), scalars.get("iterations_target")
@@ -353,30 +620,42 @@ def _run_job(job: Job, num_threads: int, device: str) -> dict:
                 + "; rerun the same command to continue it"))
         # (v) only when velocities reached the method: a velocity-reading method on a task without
         # them (eb300) used none
-        job_row["used_velocities"] = bool(method.used_velocities) and starts_had_velocities
-    except DivergedError as exc:
-        job_row.update(status="diverged", error=str(exc), traceback=traceback.format_exc())
-        target_rows, predictions = [], {}
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row (sys.exit in a method too)
-        msg = f"{type(exc).__name__} during {phase}: {exc}"
-        job_row.update(status="failed", error=msg, traceback=traceback.format_exc())
-        target_rows, predictions = [], {}
+        job_row["used_velocities"] = used_velocities and starts_had_velocities
+    except (DivergedError, MethodFailure, MethodDied, MethodTimeout, Exception, SystemExit) as exc:  # noqa: BLE001
+        # every failure becomes a row (sys.exit in a method too)
+        target_rows, predictions, curves = [], {}, {}
+        job_row.update(_failed(exc, phase))
+    finally:
+        if host is not None:
+            used = host.resources()
+            host.close()
     job_row.update(
         fit_s=fit_s,
         predict_s=predict_s,
         wall_s=time.time() - started,
-        peak_mem_mb=_peak_mem_mb(own_peak),
+        peak_mem_mb=used.get("peak_mem_mb"),
         finished_at=time.time(),
     )
-    if device.startswith("cuda") and "torch" in sys.modules:
-        try:
-            import torch
-
-            job_row["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        except Exception:
-            pass
-    job_row["hardware"] = hardware(device)
+    if "peak_gpu_mem_mb" in used:
+        job_row["peak_gpu_mem_mb"] = used["peak_gpu_mem_mb"]
+    job_row["hardware"] = used.get("hardware") or hardware(device)
     return {"job": job_row, "targets": target_rows, "curves": curves, "predictions": predictions}
+
+
+def _failed(exc: BaseException, phase: str) -> dict:
+    """A job row's status, error and traceback for an exception out of a job's ``phase``."""
+    if isinstance(exc, MethodFailure):
+        if exc.diverged:
+            return {"status": "diverged", "error": exc.message, "traceback": exc.tb}
+        return {"status": "failed", "error": f"{exc.kind} during {phase}: {exc.message}", "traceback": exc.tb}
+    if isinstance(exc, MethodTimeout):
+        return {"status": "timeout", "error": str(exc), "traceback": None}
+    if isinstance(exc, MethodDied):
+        return {"status": "failed", "error": f"the method's process died during {phase} ({exc})", "traceback": None}
+    if isinstance(exc, DivergedError):
+        return {"status": "diverged", "error": str(exc), "traceback": traceback.format_exc()}
+    return {"status": "failed", "error": f"{type(exc).__name__} during {phase}: {exc}",
+            "traceback": traceback.format_exc()}
 
 
 def hardware(device: str) -> str:
@@ -455,10 +734,11 @@ def local_gpus() -> int:
 
 
 def _exit_with_driver(driver_pid: int) -> None:
-    """End this job's process when the driver does, even when it is killed outright (SIGKILL, the
-    OOM killer): the job runs in a forkserver child, which the driver's death does not reach, and
-    it would train on with its claim released while a rerun starts the same job into the same
-    checkpoint. A daemon thread waits on the driver (a pidfd on Linux, else a 1 s poll)."""
+    """End a method's process when the process running its job (the driver, a Ray worker) ends,
+    even when that is killed outright (SIGKILL, the OOM killer, ``ray.cancel``): the method runs in
+    a forkserver child, which that death does not reach, and it would train on with its claim
+    released while a rerun starts the same job into the same checkpoint. A daemon thread waits on
+    it (a pidfd on Linux, else a 1 s poll)."""
     import threading
 
     def wait_pidfd(fd: int) -> None:
@@ -484,19 +764,12 @@ def _exit_with_driver(driver_pid: int) -> None:
     threading.Thread(target=target, args=args, daemon=True, name="exit-with-driver").start()
 
 
-def _child_main(job: Job, device: str, env: dict, conn, driver_pid: int) -> None:  # a forkserver child
-    _exit_with_driver(driver_pid)
-    os.environ.update(env)
-    try:
-        conn.send(run_job(job, num_threads=int(os.environ.get("POPBENCH_THREADS", "1")), device=device))
-    except BaseException as exc:  # noqa: BLE001
-        conn.send(failure_result(job, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc(), device))
-    finally:
-        conn.close()
-
-
 class SerialExecutor:
-    """One job at a time. In this process, or in a killable child process when ``timeout`` is set.
+    """One job at a time, each method in a process of its own (``isolate``, the default): a method
+    that crashes or ends its process fails its own job, ``timeout`` kills a method still running,
+    and the method never holds a held-out target. ``isolate=False`` (``--executor inline``) runs
+    everything in this process, for a debugger: no timeout, and a method that ends the process
+    ends the sweep.
 
     A job whose method declares ``num_gpus`` runs on ``cuda`` when this machine has a GPU (checked
     once, lazily); every other job runs on the CPU with ``JAX_PLATFORMS=cpu``.
@@ -504,8 +777,11 @@ class SerialExecutor:
 
     name = "serial"
 
-    def __init__(self, timeout: float | None = None, num_threads: int = 1):
+    def __init__(self, timeout: float | None = None, num_threads: int = 1, isolate: bool = True):
+        if timeout is not None and not isolate:
+            raise PopbenchError("--timeout kills a method in its own process: it cannot with --executor inline")
         self.timeout = timeout
+        self.isolate = isolate
         self.num_threads = max(1, int(num_threads))  # 1 = what a Ray job gets: serial and Ray agree
         self._gpus: int | None = None
 
@@ -520,62 +796,26 @@ class SerialExecutor:
     def run(self, jobs: Sequence[Job], on_result: OnResult, admit: Admit = _admit_all) -> None:
         if self._gpus is None and any(j.num_gpus > 0 for j in jobs):
             self._gpus = local_gpus()  # before a CPU job's environment could hide the GPUs
-        restore = _sigterm_as_interrupt()  # a stopped driver must not leave a job process behind
+        if self.isolate:
+            preload([j.framework for j in jobs])
+        restore = _sigterm_as_interrupt()  # a stopped driver must not leave a method's process behind
         try:
             for job in jobs:
                 if not admit(job):
                     continue
                 device, env = self.placement(job)
-                if self.timeout is None:
-                    # in this process: hide the GPUs from a CPU job only when no job will use one
-                    # (once hidden, this process's torch never sees them again), and only before a
-                    # framework is loaded (it would not see the change after)
-                    if device != "cpu" or (not self._gpus and "torch" not in sys.modules
-                                           and "jax" not in sys.modules):
-                        os.environ.update(env)
-                    on_result(job, run_job(job, num_threads=self.num_threads, device=device))
-                else:
-                    on_result(job, self._run_in_child(job, device, env))
+                if self.isolate:  # the method's process gets the job's environment, this one keeps its own
+                    on_result(job, run_job(job, num_threads=self.num_threads, device=device, isolate=True,
+                                           timeout=self.timeout, env=env))
+                    continue
+                # in this process: hide the GPUs from a CPU job only when no job will use one (once
+                # hidden, this process's torch never sees them again), and only before a framework
+                # is loaded (it would not see the change after)
+                if device != "cpu" or (not self._gpus and "torch" not in sys.modules and "jax" not in sys.modules):
+                    os.environ.update(env)
+                on_result(job, run_job(job, num_threads=self.num_threads, device=device))
         finally:
             restore()
-
-    def _run_in_child(self, job: Job, device: str, env: dict) -> dict:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("forkserver")  # a clean server process, forked per job: fast and thread-safe
-        ctx.set_forkserver_preload(["harness._preload"])
-        parent, child = ctx.Pipe(duplex=False)
-        os.environ["POPBENCH_THREADS"] = str(self.num_threads)
-        proc = ctx.Process(target=_child_main, args=(job, device, env, child, os.getpid()), daemon=True)
-        proc.start()
-        child.close()
-        from multiprocessing.connection import wait
-
-        deadline = time.monotonic() + self.timeout
-        result = None
-        try:
-            while result is None and time.monotonic() < deadline:
-                ready = wait([parent, proc.sentinel], timeout=max(0.0, deadline - time.monotonic()))
-                if parent in ready:
-                    try:
-                        result = parent.recv()
-                    except EOFError:
-                        break
-                elif proc.sentinel in ready:
-                    if parent.poll(0.1):  # the result may have arrived just before the exit
-                        continue
-                    break
-            timed_out = result is None and time.monotonic() >= deadline
-            proc.join(0 if timed_out else 5)  # a dead child's exit status may lag behind its closed pipe
-        finally:  # also when the driver is interrupted: the job's process (a forkserver child) dies with it
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        if timed_out:
-            return failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout", device=device)
-        if result is None:
-            return failure_result(job, "failed", f"the job's process died (exit code {proc.exitcode})", device=device)
-        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,7 +823,7 @@ class SerialExecutor:
 
 
 def _ray_job(job: Job, device: str) -> dict:
-    return run_job(job, num_threads=1, device=device)
+    return run_job(job, num_threads=1, device=device, isolate=True)
 
 
 def _raise_interrupt(signum, frame):
@@ -608,6 +848,91 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
     # a handler installed from C (Ray's) reads back as None and cannot be reinstalled from Python:
     # the default (terminate quietly) replaces it then
     return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+_REAPER = r"""
+import os, select, signal, sys, time
+
+driver, me = int(sys.argv[1]), os.getpid()
+
+
+def table():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    f = fh.read().rsplit(")", 1)[1].split()
+                out[int(d)] = (int(f[1]), f[19])  # parent pid, start time
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def below(t, root):
+    kids = {}
+    for p, (pp, _) in t.items():
+        kids.setdefault(pp, []).append(p)
+    out, todo = {}, [root]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            if c != me and c not in out:
+                out[c] = t[c][1]
+                todo.append(c)
+    return out
+
+
+try:
+    fd = os.pidfd_open(driver)
+except (AttributeError, OSError):
+    fd = None
+known = {}
+while True:
+    t = table()
+    if driver not in t:
+        break
+    known.update(below(t, driver))
+    if fd is not None:
+        if select.select([fd], [], [], 1.0)[0]:
+            break
+    else:
+        time.sleep(1.0)
+t = table()
+for p, start in known.items():
+    if p in t and t[p][1] == start:  # the same process, not a new one that took its pid
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def start_reaper(driver_pid: int | None = None):
+    """Start a small watcher process (its own session, so that a signal to the driver's process
+    group spares it) that notes every descendant of ``driver_pid`` (default: this process) once a
+    second while it lives, and kills those still running once it is gone. A Ray cluster started by
+    ``ray.init`` is such a descendant; when its driver is killed outright (SIGKILL, the OOM killer)
+    Ray's own fate-sharing ends the GCS and the raylet but not the agents they started
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``), which would run on. Linux only (``/proc``);
+    returns the watcher's ``Popen``, or None where there is no ``/proc``."""
+    import subprocess
+
+    if not os.path.isdir("/proc/self"):
+        return None
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(driver_pid or os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+def _worker_died(exc: Exception, job: Job, ray) -> str:
+    """A job whose Ray worker died or raised outside ``run_job``: what happened and where to look."""
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # this driver's cluster
+    except Exception:  # noqa: BLE001 - a private API: fall back to where Ray puts them by default
+        logs = "the Ray session's logs directory (/tmp/ray/session_latest/logs by default)"
+    where = f"; the job's own output: {job.log_path}" if job.log_path else ""
+    return (f"{type(exc).__name__}: the job's worker died or raised ({str(exc)[:1200]}){where}; Ray's worker logs "
+            f"(python-core-worker-*.log) are in {logs} on the node that ran it")
 
 
 NEEDS_RAY = ("parallel jobs (--workers > 1, --executor ray, --address) need Ray: pip install -e '.[ray]', "
@@ -643,6 +968,8 @@ class RayExecutor:
                 # niced jobs starve behind any foreground process (fit times, max_minutes budgets)
                 kwargs["_system_config"] = {"worker_niceness": 0}
             kwargs.update(self.ray_init)
+            if not self.address:  # a cluster of our own: ended with us, even when we are killed outright
+                start_reaper()
             # the harness's own modules must be importable by workers (editable or installed)
             ray.init(**kwargs)
         return ray
@@ -690,9 +1017,7 @@ class RayExecutor:
             try:
                 result = ray.get(ref)
             except Exception as exc:  # worker died, or the task raised outside run_job
-                kind = type(exc).__name__
-                result = failure_result(job, "failed", f"{kind}: the job's worker died or raised ({exc})"[:2000],
-                                        traceback.format_exc(), device)
+                result = failure_result(job, "failed", _worker_died(exc, job, ray), traceback.format_exc(), device)
             free_gpus += gpus
             on_result(job, result)
 

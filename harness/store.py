@@ -2,11 +2,13 @@
 
 Layout of a run directory:
 
-- ``rows.jsonl``: append-only result rows (protocol.md section 8). Each finished job appends all
-  its rows (one ``"row_type": "job"`` row, then one ``"row_type": "target"`` row per target) in a
-  single locked ``write`` followed by ``fsync``, so a driver killed mid-sweep loses only the jobs
-  that had not finished and never leaves half a job. A torn last line (power loss) is ignored on
-  read and fenced off with a newline on the next append.
+- ``rows.jsonl``: append-only result rows. Each finished job appends all its rows (one
+  ``"row_type": "job"`` row, which counts its targets in ``n_targets``, then one
+  ``"row_type": "target"`` row per target) in a single locked ``write`` followed by ``fsync``, so
+  a driver killed mid-sweep loses only the jobs that had not finished. A write cut short (a crash,
+  power loss) leaves a torn last line, which is ignored on read and fenced off with a newline on
+  the next append; the attempt it belonged to then has fewer target rows than its job row counts,
+  and counts as never stored (its job runs again).
 - ``invocations.jsonl``: every command that wrote to the run, with its resolved settings.
 - ``environment.json``: package versions, git revision, platform, CPU/GPU of the latest invocation
   (``invocations.jsonl`` keeps every invocation's revision and versions).
@@ -35,6 +37,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import json
@@ -88,30 +91,68 @@ def dumps(obj: Any) -> str:
     return json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False)
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """Re-raise an ``OSError`` that names no file (a full disk fails a ``write``, not an ``open``)
+    as one that names ``path``, so the user learns which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def complete_attempts(rows: Iterable[dict]) -> tuple[set[str], set[str]]:
+    """(attempt ids whose rows are all stored, attempt ids cut short): an attempt's job row counts
+    its targets (``n_targets``; rows written before that count are taken as whole)."""
+    counts: dict[str, int] = {}
+    wants: dict[str, int | None] = {}
+    for r in rows:
+        if r.get("row_type") == "target":
+            counts[r.get("attempt_id")] = counts.get(r.get("attempt_id"), 0) + 1
+        elif r.get("row_type") == "job":
+            wants[r.get("attempt_id")] = r.get("n_targets")
+    cut = {a for a, n in wants.items() if n is not None and counts.get(a, 0) != n}
+    return set(wants) - cut, cut
 
 
 class RunStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.rows_path = self.root / ROWS
+        self.cut: set[str] = set()  # attempts found cut short by the last read (see latest_jobs)
 
     def ensure(self) -> None:
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
 
-    def append_rows(self, rows: Iterable[dict]) -> None:
-        """Append one job's rows atomically (one locked write, then fsync)."""
-        self.ensure()
-        payload = "".join(dumps(r) + "\n" for r in rows)
+    def append_rows(self, rows: Iterable[dict], count_targets: bool = True) -> None:
+        """Append one job's rows atomically (one locked write, then fsync); a job row among them
+        gets ``n_targets``, the number of target rows of its attempt that come with it (not with
+        ``count_targets=False``: rows restored as they were published)."""
+        rows = list(rows)
+        for job in (r for r in rows if count_targets and r.get("row_type") == "job"):
+            job["n_targets"] = sum(r.get("row_type") == "target" and r.get("attempt_id") == job.get("attempt_id")
+                                   for r in rows)
+        payload = "".join(dumps(r) + "\n" for r in rows)  # before anything is written: a bad value writes nothing
         if not payload:
             return
+        with naming(self.rows_path):
+            self.ensure()
+            self._append(payload)
+
+    def _append(self, payload: str) -> None:
         with open(self.rows_path, "a+b") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -143,10 +184,13 @@ class RunStore:
         return rows
 
     def latest_jobs(self) -> dict[str, dict]:
-        """The latest job row per job id (attempts are ordered by ``finished_at``)."""
+        """The latest job row per job id (attempts are ordered by ``finished_at``), among the
+        attempts stored whole (:func:`complete_attempts`; ``self.cut`` keeps the ids of the others)."""
         latest: dict[str, dict] = {}
-        for r in self.read_rows():
-            if r.get("row_type") != "job":
+        rows = self.read_rows()
+        whole, self.cut = complete_attempts(rows)
+        for r in rows:
+            if r.get("row_type") != "job" or r.get("attempt_id") not in whole:
                 continue
             prev = latest.get(r["job_id"])
             if prev is None or (r.get("finished_at", 0), r.get("attempt_id", "")) >= (
@@ -237,7 +281,7 @@ class RunStore:
                 if job.get("predictions"):  # not carried: the name says where they would be, never elsewhere
                     job["predictions"] = f"artifacts/{_file_name(stem)}.npz"
                 job["restored_from"] = str(path)
-                self.append_rows([job, *(r for r in rows if r["row_type"] != "job")])
+                self.append_rows([job, *(r for r in rows if r["row_type"] != "job")], count_targets=False)
                 added += 1
         return added, len(attempts) - added
 
@@ -247,7 +291,8 @@ class RunStore:
 
     def write_artifact(self, job_id: str, payload: dict) -> str:
         name = _file_name(job_id) + ".json"
-        atomic_write_text(self.root / "artifacts" / name, dumps(payload))
+        text = dumps(payload)
+        atomic_write_text(self.root / "artifacts" / name, text)
         return f"artifacts/{name}"
 
     def log_path(self, job_id: str) -> Path:
@@ -307,15 +352,16 @@ class RunStore:
 
     def write_predictions(self, stem: str, arrays: dict) -> str:
         """A job's predicted samples per query (float32, compressed), for figures."""
-        self.ensure()
         name = _file_name(stem) + ".npz"
         path = self.root / "artifacts" / name
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp.npz")
-        with open(tmp, "wb") as fh:  # on disk before the row that names it (as the rows are)
-            np.savez_compressed(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with naming(path):
+            self.ensure()
+            with open(tmp, "wb") as fh:  # on disk before the row that names it (as the rows are)
+                np.savez_compressed(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
         return f"artifacts/{name}"
 
     def record_invocation(self, config: dict, ran_jobs: bool = True) -> None:
@@ -323,8 +369,8 @@ class RunStore:
         rewrites ``environment.json``, which describes what ran the latest jobs."""
         self.ensure()
         env = environment()
-        with open(self.root / "invocations.jsonl", "a") as fh:  # each invocation keeps its own revision
-            fh.write(dumps({"time": time.time(), **config, "git_revision": env["git_revision"],
+        with naming(self.root / "invocations.jsonl"), open(self.root / "invocations.jsonl", "a") as fh:
+            fh.write(dumps({"time": time.time(), **config, "git_revision": env["git_revision"],  # its own revision
                             "versions": env["versions"]}) + "\n")
         if ran_jobs:
             atomic_write_text(self.root / "environment.json", dumps(env) + "\n")

@@ -1,4 +1,4 @@
-"""Plan a sweep (the job matrix), run what is not done yet, store rows, render tables."""
+"""Plan a sweep (the job matrix), run what is not done yet, store rows, say how it goes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 from harness import registry
 from harness.protocol import PROFILES, PopbenchError, target_within_training
-from harness.runner import Job, RayExecutor, SerialExecutor
+from harness.runner import Job, RayExecutor, SerialExecutor, failure_result
 from harness.store import RunStore, git_revision
 
 
@@ -35,7 +36,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(spec: str) -> list[int]:
+    """``0,1,2`` or ``0-4`` (or both, ``0-2,7``) as a list of distinct seeds, in order."""
+    if not spec.strip():
+        raise PopbenchError(f"--seeds {spec!r} selects nothing: give seeds like 0,1,2 or 0-4")
     seeds: list[int] = []
     for part in spec.split(","):
         part = part.strip()
@@ -43,12 +50,17 @@ def parse_seeds(spec: str) -> list[int]:
             continue
         try:
             if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                seeds.extend(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-", 1))
+                if len(seeds) + b - a + 1 > MAX_SEEDS:  # before building it: 0-100000000 must not take minutes
+                    raise PopbenchError(f"--seeds {spec} selects {len(seeds) + b - a + 1:,} seeds: at most "
+                                        f"{MAX_SEEDS:,} seeds run in one command")
+                seeds.extend(range(a, b + 1))
             else:
                 seeds.append(int(part))
         except ValueError as exc:
             raise PopbenchError(f"--seeds expects integers like 0,1,2 or 0-4, got {spec!r}") from exc
+    if len(seeds) > MAX_SEEDS:
+        raise PopbenchError(f"--seeds selects {len(seeds):,} seeds: at most {MAX_SEEDS:,} seeds run in one command")
     if any(s < 0 for s in seeds):
         raise PopbenchError(f"--seeds must be 0 or more (NumPy seeds), got {spec!r}")
     if not seeds:
@@ -179,14 +191,115 @@ def plan_jobs(
     return Plan(jobs, skipped)
 
 
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3 h 05 min``: how long a job took or has run."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def time_left(seconds: float) -> str:
+    """The sweep's time left, in minutes (hours and minutes past two hours)."""
+    if seconds < 60:
+        return "under a minute left"
+    if seconds < 7200:
+        return f"about {round(seconds / 60)} min left"
+    return f"about {_duration(seconds)} left"
+
+
 def _summary(result: dict) -> str:
     job = result["job"]
-    head = f"{job['method']} on {job['task']}/{job['variant']} s{job['seed']}: {job['status']}"
-    if job["status"] != "ok":
-        return head + f" ({(job.get('error') or '')[:80]})"
+    head = f"{job['status']}: {job['method']} on {job['task']}/{job['variant']} ({job['profile']}, seed {job['seed']})"
+    if job["status"] not in ("ok", "partial"):
+        return head + f": {(job.get('error') or '')[:100]}"
     cells = job.get("cells") or []
     shown = ", ".join(f"{c['key']}={c['value']:.3f}" for c in cells[:2])
-    return f"{head} {shown} ({job.get('wall_s', 0):.0f}s)"
+    return f"{head}: {shown} ({_duration(job.get('wall_s') or 0.0)})"
+
+
+STILL_RUNNING_AT = (60.0, 120.0, 300.0)
+"""Seconds into a job at which the sweep says it is still running; then every STILL_RUNNING_EVERY."""
+STILL_RUNNING_EVERY = 300.0
+_TICK = 5.0
+
+
+class Progress:
+    """A sweep's progress on stderr that reads the same in a terminal and in a log file (output piped
+    to a file, CI, nohup): one line per finished job with the time left, and a line for each job
+    still running after 1, 2 and 5 minutes, then every 5 minutes. In a terminal a bar counts jobs too."""
+
+    def __init__(self, total: int, enabled: bool, stream, store: RunStore):
+        self.total, self.enabled, self.stream, self.store = total, enabled, stream, store
+        self.finished = 0
+        self.t0 = time.monotonic()
+        self.running: dict[str, list] = {}  # job id -> [job, started, lines said]
+        self.lock = threading.Lock()
+        self.bar = None
+        self.stop = threading.Event()
+        if not enabled:
+            return
+        if getattr(stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="jobs", unit="job", file=stream, dynamic_ncols=True)
+        threading.Thread(target=self._watch, daemon=True, name="sweep-progress").start()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            if self.bar is not None:
+                self.bar.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
+
+    def started(self, job: Job) -> None:
+        with self.lock:
+            self.running[job.job_id] = [job, time.monotonic(), 0]
+
+    def dropped(self, job: Job) -> None:
+        """A job not run here after all (another process has it): one fewer to wait for."""
+        with self.lock:
+            self.running.pop(job.job_id, None)
+            self.total -= 1
+            if self.bar is not None:
+                self.bar.total = self.total
+                self.bar.refresh()
+
+    def done(self, job: Job, result: dict) -> None:
+        with self.lock:
+            self.running.pop(job.job_id, None)
+            self.finished += 1
+            n, left = self.finished, self.total - self.finished
+        if not self.enabled:
+            return
+        eta = ""
+        if left > 0:
+            eta = "; " + time_left((time.monotonic() - self.t0) / n * left)
+        self.say(f"[{n}/{self.total}] {_summary(result)}{eta}")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(_TICK):
+            now = time.monotonic()
+            with self.lock:
+                due = []
+                for entry in self.running.values():
+                    job, started, said = entry
+                    at = STILL_RUNNING_AT[said] if said < len(STILL_RUNNING_AT) else \
+                        STILL_RUNNING_AT[-1] + STILL_RUNNING_EVERY * (said - len(STILL_RUNNING_AT) + 1)
+                    if now - started >= at:
+                        entry[2] += 1
+                        due.append((job, now - started))
+            for job, ran in due:
+                self.say(f"still running: {job.describe()}, {_duration(ran)} so far "
+                         f"(its output: {self.store.log_path(job.job_id)})")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_plan(
@@ -204,9 +317,11 @@ def run_plan(
 ) -> dict[str, dict]:
     """Run the plan's jobs that are not done; return the latest job row per selected job id.
 
-    A job another live process is running in the same run directory (``RunStore.claim``) when
-    its turn comes is skipped with a note on stderr: it has no row here unless an earlier attempt
-    left one. Several processes running one plan thus share its jobs.
+    ``executor``: ``serial`` (each method in a process of its own), ``inline`` (everything in this
+    process, for a debugger) or ``ray``. A job another live process is running in the same run
+    directory (``RunStore.claim``) when its turn comes is skipped with a note on stderr: it has no
+    row here unless an earlier attempt left one. Several processes running one plan thus share its
+    jobs. ``progress``: a line per finished job and for long fits (:class:`Progress`).
     """
     claims: dict[str, Any] = {}
     try:
@@ -217,6 +332,23 @@ def run_plan(
             fh.close()
     latest = store.latest_jobs()
     return {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
+
+
+def sweep_outcome(plan: Plan, store: RunStore) -> tuple[dict[str, dict], set[str], list[Job]]:
+    """After a sweep: the latest stored job row per job of the plan, the jobs another live process
+    is running now, and the jobs with neither (held by a process that stopped without a result).
+
+    Claims are looked at before the rows, and the rows read again when a claim was released
+    meanwhile: a process stores a job's rows before it releases its claim, so a job that another
+    process finishes during this look is found stored, never reported lost."""
+    held = {j.job_id for j in plan.jobs if store.claimed_by(j.job_id) is not None}
+    latest = store.latest_jobs()
+    running = {jid for jid in held if store.claimed_by(jid) is not None}
+    if held - running:
+        latest = store.latest_jobs()
+    latest = {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
+    vanished = [j for j in plan.jobs if j.job_id not in latest and j.job_id not in running]
+    return latest, running, vanished
 
 
 def held_by(holder: dict) -> str:
@@ -233,33 +365,34 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
     """Run the plan's jobs not done yet, each claimed (``RunStore.claim``) just before it starts and
     released once its rows are stored: processes sharing a run directory split its jobs between
     them and never train one job twice."""
+    stream = sys.stderr  # the real one: a job in this process copies sys.stderr into its log meanwhile
     start = store.rows_end()  # before reading them: a row stored in between is seen by admit
     done = set() if force else store.done_job_ids()
+    if store.cut:
+        print(f"note: {len(store.cut)} stored attempt(s) in {store.rows_path} were cut short mid-write (a crash); "
+              "their jobs count as not stored", file=stream)
     todo = [dataclasses.replace(j, checkpoint_path=str(store.checkpoint_path(j.job_id)),
                                 log_path=str(store.log_path(j.job_id)))
             for j in plan.jobs if j.job_id not in done]
+    n_done = len(plan.jobs) - len(todo)
+    if progress:
+        if not todo:
+            print(f"all {len(plan.jobs)} jobs already done in {store.root}: nothing to run (--force reruns them)",
+                  file=stream)
+        else:
+            print(f"{len(plan.jobs)} jobs: {n_done} already done, {len(todo)} to run ({executor}"
+                  + (f", {workers} at a time" if executor == "ray" and workers else "") + ")", file=stream)
     if not todo:
         return
     if executor == "ray":
         ex: Any = RayExecutor(workers=workers, address=address, timeout=timeout, ray_init=ray_init)
         if progress:  # workers' stderr does not reach this terminal
-            print(f"jobs' output (progress of long fits): {store.root / 'logs'}/", file=sys.stderr)
-    elif executor == "serial":
-        ex = SerialExecutor(timeout=timeout, num_threads=threads)
+            print(f"jobs' output (progress of long fits): {store.root / 'logs'}/", file=stream)
+    elif executor in ("serial", "inline"):
+        ex = SerialExecutor(timeout=timeout, num_threads=threads, isolate=executor == "serial")
     else:
-        raise PopbenchError(f"unknown executor {executor!r}; choose serial or ray")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="jobs", unit="job", file=sys.stderr, dynamic_ncols=True, disable=None)
-
-    def say(text: str) -> None:
-        if bar is not None:
-            bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr)
-
+        raise PopbenchError(f"unknown executor {executor!r}; choose serial, inline or ray")
+    bar = Progress(len(todo), progress, stream, store)
     seen: dict[str, Any] = {"offset": start, "ids": set()}
 
     def ran_elsewhere(job: Job) -> bool:
@@ -272,24 +405,24 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
     def admit(job: Job) -> bool:
         fh = store.claim(job.job_id)
         if fh is None:
-            say(f"note: skipped {job.describe()}: another process is running it in {store.root} "
-                f"({held_by(store.claimed_by(job.job_id) or {})}); rerun this command once it finishes")
+            bar.say(f"note: skipped {job.describe()}: another process is running it in {store.root} "
+                    f"({held_by(store.claimed_by(job.job_id) or {})}); rerun this command once it finishes")
         elif ran_elsewhere(job):
             fh.close()
-            say(f"note: skipped {job.describe()}: another process ran it meanwhile (see its row)")
+            bar.say(f"note: skipped {job.describe()}: another process ran it meanwhile (see its row)")
             fh = None
         if fh is None:
-            if bar is not None:
-                bar.update(1)
+            bar.dropped(job)
             return False
         claims[job.job_id] = fh
         if force:  # a forced rerun starts from scratch, not from an earlier attempt's training state
             Path(job.checkpoint_path).unlink(missing_ok=True)
+        bar.started(job)
         return True
 
     revision = git_revision()  # the code that ran the jobs, on every job row
 
-    def on_result(job: Job, result: dict) -> None:
+    def store_result(job: Job, result: dict) -> None:
         result["job"]["git_revision"] = revision
         stem = result["job"]["attempt_id"] + "_" + job.job_id
         if result.get("curves"):
@@ -297,20 +430,25 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
         if result.get("predictions"):
             result["job"]["predictions"] = store.write_predictions(stem, result["predictions"])
         store.append_rows([result["job"], *result["targets"]])
+
+    def on_result(job: Job, result: dict) -> None:
+        try:
+            store_result(job, result)
+        except (TypeError, ValueError) as exc:  # a value JSON cannot hold: the job fails, the sweep goes on
+            result = failure_result(job, "failed", f"its result could not be stored: {exc}",
+                                    device=result["job"].get("device", "cpu"))
+            store_result(job, result)
         if result["job"].get("status") == "ok" and job.checkpoint_path:
             Path(job.checkpoint_path).unlink(missing_ok=True)  # stored: the state is no longer needed
         fh = claims.pop(job.job_id, None)
         if fh is not None:  # stored: another process may take the job now
             fh.close()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(_summary(result)[:120])
+        bar.done(job, result)
 
     try:
         ex.run(todo, on_result, admit)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def default_run_dir(name: str | None, profile: str) -> Path:

@@ -53,7 +53,7 @@ def test_rerun_skips_done_jobs_and_force_redoes_them(tmp_path):
     assert first.returncode == 0, first.stderr
     from tasks.ou import OU
 
-    assert f"ou: exact W1 (lower is better); {OU.table_protocol}; each cell" in first.stdout  # the caption says how
+    assert f"ou: exact W1 (lower is better); {OU.table_protocol};" in first.stdout  # the caption says how
     n_rows = len(RunStore(out).read_rows())
     again = run_cli(*args)
     assert again.returncode == 0
@@ -385,11 +385,15 @@ def test_a_suite_sweep_says_when_it_would_rerun_published_jobs_its_run_lacks(tmp
 
 
 def test_a_suite_uses_its_own_seeds_unless_seeds_are_given(tmp_path):
+    from harness import registry
+    from harness.suites import SUITES
+
+    rows = 2 * len(registry.methods.expand(SUITES["table4"].methods))  # 2 variants x the suite's rows
     out = str(tmp_path / "r")
     r = run_cli("--suite", "table4", "--dry-run", "--out", out)
-    assert r.returncode == 0 and "42 jobs" in r.stdout  # 2 variants x 7 rows x seeds 0,1,2
+    assert r.returncode == 0 and f"\n{3 * rows} jobs" in r.stdout  # seeds 0,1,2
     r = run_cli("--suite", "table4", "--seeds", "0", "--dry-run", "--out", out)
-    assert r.returncode == 0 and "14 jobs" in r.stdout
+    assert r.returncode == 0 and f"\n{rows} jobs" in r.stdout
 
 
 def test_table3_falls_back_to_eb300_only_when_the_eb_file_is_absent_not_when_it_is_corrupt(tmp_path):
@@ -604,3 +608,56 @@ def test_plot_says_what_a_stored_result_flag_needs_and_a_corrupt_prediction_file
     npz.write_bytes(npz.read_bytes()[:100])  # a truncated copy
     with pytest.raises(PopbenchError, match="cannot read static's stored predictions"):
         rollout_panels(out, "ou", "paired", ["static"])
+
+
+def test_progress_reads_the_same_in_a_log_file_and_a_rerun_says_everything_was_done(tmp_path):
+    """Output piped (a log, CI, nohup): a line per finished job with the time left, in minutes."""
+    args = ("--tasks", "ou", "--methods", "static,oracle", "--profile", "smoke", "--out", str(tmp_path / "r"))
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "4 jobs: 0 already done, 4 to run (serial)" in first.stderr
+    lines = [x for x in first.stderr.splitlines() if x.startswith("[")]
+    assert [x.split("]")[0] for x in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert lines[0].startswith("[1/4] ok: static on ou/paired (smoke, seed 0): train_w1=")
+    assert all(x.endswith(" left") for x in lines[:3]) and not lines[3].endswith(" left")
+    again = run_cli(*args)
+    assert f"all 4 jobs already done in {tmp_path / 'r'}: nothing to run" in again.stderr
+
+
+def test_a_long_job_gets_a_still_running_line(tmp_path, monkeypatch, capsys):
+    from harness import sweep
+
+    monkeypatch.setattr(sweep, "STILL_RUNNING_AT", (0.5,))
+    monkeypatch.setattr(sweep, "STILL_RUNNING_EVERY", 1000.0)
+    monkeypatch.setattr(sweep, "_TICK", 0.1)
+    plan = sweep.plan_jobs("ou/paired", "harness.testing:Sleeps", "smoke", [0], overrides={"*": {"sleep": 2.0}})
+    sweep.run_plan(plan, RunStore(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("still running:")]
+    assert line.startswith("still running: harness.testing:Sleeps on ou/paired (smoke, seed 0), 1 s so far")
+    assert str(RunStore(tmp_path).log_path(plan.jobs[0].job_id)) in line
+
+
+def test_time_left_is_in_minutes():
+    from harness.sweep import time_left
+
+    assert time_left(20) == "under a minute left"
+    assert time_left(61) == "about 1 min left"
+    assert time_left(600) == "about 10 min left"
+    assert time_left(5400) == "about 90 min left"
+    assert time_left(3 * 3600 + 300) == "about 3 h 05 min left"
+
+
+def test_a_commands_table_shows_the_reference_rows_and_tables_hold_the_whole_run(tmp_path):
+    out = tmp_path / "r"
+    base = ("--tasks", "ou/paired", "--profile", "smoke", "--out", str(out), "--no-progress")
+    assert run_cli(*base, "--methods", "static").returncode == 0
+    r = run_cli(*base, "--methods", "harness.testing:Busy", "--set", "seconds=0.1")
+    assert r.returncode == 0, r.stderr
+    printed = [x.split("|")[1].strip() for x in r.stdout.splitlines() if x.startswith("| ")][1:]
+    assert printed == ["harness.testing:Busy", "static"], r.stdout  # the learner, read against static
+    assert "the reference rows (static) this run holds for the same tasks, profile and seeds" in r.stdout
+    run_cli("--tasks", "ou/unpaired", "--methods", "static", "--profile", "smoke", "--out", str(out), "--no-progress")
+    (md,) = (out / "tables").glob("ou.md")
+    text = md.read_text()  # every job of the run, not only the last command's
+    assert "harness.testing:Busy" in text and "unpaired" in text and "paired" in text

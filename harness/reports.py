@@ -52,7 +52,20 @@ def key_label(key: str) -> str:
     m = re.fullmatch(r"w1_holdout[-_](\d+)", key)
     if m:
         return f"h={m.group(1)}"
+    m = re.fullmatch(r"w1_t(\d+)_from_t(\d+)", key)
+    if m:
+        return f"t{m.group(1)} from t{m.group(2)}"
     return key.removeprefix("w1_")
+
+
+def _display_name(task: str) -> str:
+    """The name a table is headed with and its files are named after: the task class's family
+    (``three_well`` for ``popbench_example.three_well:ThreeWell``), the stored name otherwise."""
+    if ":" not in task:
+        return task
+    from harness import registry
+
+    return registry.family_name(task)
 
 
 def column_label(group: str, key: str) -> str:
@@ -329,6 +342,7 @@ def build_table(
     cell below the ``oracle``'s (the true dynamics with fresh noise: the finite-sample floor of W1),
     which is suspicious."""
     fam = cells[cells.task == family]
+    name = _display_name(family)  # a plug-in's `module:Class` is headed by its family's name
     if hardware is None:
         hardware = hardware_caption(fam)
     agg = aggregate(fam, by_variant=by_variant)
@@ -497,7 +511,7 @@ def build_table(
     seeds = _seeds_text(seeds_n)
     scope = ("per variant, " if by_variant else
              "each cell averages the family's variants per seed, then " if averages else "")
-    caption = (f"{family}: exact W1 (lower is better){'; ' + proto if proto else ''}; {scope}{seeds}"
+    caption = (f"{name}: exact W1 (lower is better){'; ' + proto if proto else ''}; {scope}{seeds}"
                + (f"; profile {profile}" if profile else "") + (f"; {hardware}" if hardware else "") + ".")
     ranking = ("Bold best, underlined second among learners." if second else "Bold: the best learner.") if ranked else ""
     if ranking:
@@ -507,7 +521,7 @@ def build_table(
     short_seeds = ("one seed" if seeds_n and max(seeds_n) == 1 else
                    f"mean $\\pm$ SE over {'up to ' if len(seeds_n) > 1 else ''}{max(seeds_n)} seeds" if seeds_n else
                    "no finished job")
-    tex_caption = (f"{_latex_escape(family)}{' per variant' if by_variant else ''}: W1, lower is better, {short_seeds}"
+    tex_caption = (f"{_latex_escape(name)}{' per variant' if by_variant else ''}: W1, lower is better, {short_seeds}"
                    + (f" (profile {_latex_escape(profile)})" if profile else "") + ".")
     # (Markdown note, LaTeX note) pairs; LaTeX says how its own marks look
     notes: list[tuple[str, str]] = []
@@ -553,17 +567,17 @@ def build_table(
             r"combined error bars (our SE over seeds + the paper's printed $\pm$, which measures different things "
             f"in different tables): {disagreements} of {compared} cells."))
     elif paper is not None:
-        text = f"The paper publishes no numbers for {family}: nothing to compare."
+        text = f"The paper publishes no numbers for {name}: nothing to compare."
         notes.append((text, _latex_escape(text)))
     if any(lbl.endswith(" (published)") for lbl, _ in rows):
         text = "(published) = a method of the paper not run here: its published numbers, blank where the paper has none."
         notes.append((text, _latex_escape(text)))
     if note:
         notes.append((note, _latex_escape(note.replace("`", ""))))
-    title = f"{family}" + (" (per variant)" if by_variant else "")
+    title = f"{name}" + (" (per variant)" if by_variant else "")
     return Table(title, caption, columns, rows, latex_rows, [md for md, _ in notes if md], agg, keys=list(colkeys),
                  latex_labels=latex_labels, row_variants=row_variants, latex_caption=tex_caption,
-                 latex_notes=[tex for _, tex in notes], name=family + ("_per_variant" if by_variant else ""))
+                 latex_notes=[tex for _, tex in notes], name=name + ("_per_variant" if by_variant else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,7 +932,7 @@ def write_report(
                             method_order=method_order, profile=profile, hardware=hardware,
                             note=(notes or {}).get(family, ""), column_averages=(column_averages or {}).get(family),
                             protocol=(protocols or {}).get(family, ""))
-            stem = family + ("_per_variant" if by_variant else "")
+            stem = t.name  # the family's name (a plug-in's `module:Class` has a colon)
             (out / f"{stem}.md").write_text(t.markdown())
             (out / f"{stem}.tex").write_text(t.latex())
             if t.aggregate is not None:

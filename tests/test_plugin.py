@@ -86,17 +86,17 @@ def example_run(plugin_env, tmp_path_factory):
 
 def test_example_tasks_run_with_reference_rows_and_a_learner(example_run):
     r, out = example_run
-    header, rows = _table(r.stdout, THREE_WELL)
+    header, rows = _table(r.stdout, "three_well")  # headed by the family's name, not module:Class
     assert header == ["method", "unpaired Train W1", "unpaired Forecast W1"]
     assert set(rows) == {"wlm", "static", "velocity_extrapolation (v)", "oracle (v)"}  # wlm's gf_sde settings: v0 = 0
     for col in range(2):  # the true SDE from the true start beats standing still
         assert _number(rows["oracle (v)"][col]) < _number(rows["static"][col])
     assert "note: wlm has no settings" not in r.stderr  # it has gf_sde's and vortex's, which these resemble
 
-    header, rows = _table(r.stdout, BIG_VORTEX)
+    header, rows = _table(r.stdout, "big_vortex")
     assert header == ["method", *(f"interpolation h={h}" for h in (1, 3, 5, 7, 9)), "interpolation mean",
                       "forecast-5 t10 from t0", "forecast-5 Train W1", "forecast-5 Forecast W1",
-                      "forecast-5 t10_from_t5"]
+                      "forecast-5 t10 from t5"]
     assert set(rows) == {"wlm (v)", "static", "velocity_extrapolation (v)"}  # real data: no oracle
     assert all(c != "—" for cells in rows.values() for c in cells)
     # a cell by hand: static predicts snapshot 1 by snapshot 0 of the file
@@ -112,8 +112,6 @@ def test_example_tasks_run_with_reference_rows_and_a_learner(example_run):
     assert wlm["interpolation"]["time_features"] == 16 and wlm["forecast-5"]["time_features"] == 0  # vortex's
 
 
-@pytest.mark.xfail(strict=True, reason="harness/reports.py heads a table by the name given to --tasks, not by "
-                                       "the task's family (harness.registry.family_name)")
 def test_example_tables_are_headed_by_the_family_name(example_run):
     r, out = example_run
     assert "**three_well**" in r.stdout and "**big_vortex**" in r.stdout

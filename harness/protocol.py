@@ -209,6 +209,8 @@ class Capabilities:
     - ``interpolate``: targets inside the training time range.
     - ``forecast``: targets beyond the last training time.
     - ``uses_velocities``: may read ``Marginal.v`` (the report marks such rows).
+    - ``requires_velocities``: cannot run without them (with ``uses_velocities``); the harness does
+      not offer such a method a task whose training marginals have none.
     - ``framework``: ``"numpy"``, ``"torch"`` or ``"jax"``; decides the extra to install.
     - ``num_gpus``: GPUs to request from Ray when the cluster has them (0 = CPU only).
     - ``requires_simulator``: the method is the ``oracle`` and needs the task's true simulator.
@@ -219,6 +221,7 @@ class Capabilities:
     interpolate: bool = True
     forecast: bool = True
     uses_velocities: bool = False
+    requires_velocities: bool = False
     framework: str = "numpy"
     num_gpus: float = 0.0
     requires_simulator: bool = False

@@ -44,6 +44,14 @@ BUILTIN_METHODS: dict[str, str] = {
     "sbirr": "methods.sbirr:SBIRR",
     "vanilla_sb": "methods.sbirr:VanillaSB",
     "snap_mmd": "methods.snap_mmd:SnapMMD",
+    "i_cfm": "methods.flow_matching:ICFM",
+    "ot_cfm": "methods.flow_matching:OTCFM",
+    "sb_cfm": "methods.flow_matching:SBCFM",
+    "sf2m_exact": "methods.flow_matching:SF2MExact",
+    "sf2m_sink": "methods.flow_matching:SF2MSink",
+    "i_mfm": "methods.flow_matching:IMFM",
+    "ot_mfm": "methods.flow_matching:OTMFM",
+    "curly_fm": "methods.flow_matching:CurlyFM",
 }
 """Reference rows first, then the learners in the paper's order."""
 

@@ -170,6 +170,9 @@ def plan_jobs(
                 continue
             if probe is None:
                 probe = task_cls(variant, seed=seeds[0], data_dir=data_dir)  # raises on missing data
+            if caps.requires_velocities and any(m.v is None for m in probe.train_data().marginals):
+                skipped.append(f"{mname} on {family}/{variant}: it needs observed velocities and the task has none")
+                continue
             n_ok, n_all = _answerable(mcls, probe)
             if n_ok == 0:
                 what = "forecast" if caps.interpolate else "interpolate"

@@ -18,6 +18,7 @@ This module imports neither torch, JAX nor Ray: they load only inside the jobs t
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import sys
@@ -80,7 +81,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel jobs (Ray; default 1, or every CPU of the cluster given by --address)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (implies --executor ray)")
-    p.add_argument("--timeout", type=float, default=None, help="per-job timeout in seconds (the job is killed)")
+    p.add_argument("--timeout", type=float, default=None, help="per-job limit in seconds on the method's fit and predictions: its process is killed, a timeout row "
+                   "is stored")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per job (serial executor; a Ray job always gets its one CPU)")
     p.add_argument("--out", default=None, help="run directory (default results/runs/<name>)")
@@ -338,9 +340,38 @@ def _note_published(plan, store, suite: str, profile: str) -> None:
               f"--profile {profile}` first would skip them", file=sys.stderr)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+class _HoldNotes(io.TextIOBase):
+    """stderr while a command line is checked: ``note:`` lines wait for :meth:`release` (a bad
+    command line gets just its one sentence), anything else (a download's progress) goes through."""
+
+    def __init__(self, stream):
+        self.stream, self.held, self.partial = stream, [], ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        while "\n" in self.partial:
+            line, self.partial = self.partial.split("\n", 1)
+            (self.held.append if line.startswith("note:") else self.stream.write)(line + "\n")
+        if self.partial and not (self.partial.startswith("note:") or "note:".startswith(self.partial)):
+            self.stream.write(self.partial)
+            self.partial = ""
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def release(self) -> None:
+        self.stream.write("".join(self.held) + self.partial)
+        self.held, self.partial = [], ""
+
+
+def _prepare_sweep(args: argparse.Namespace):
+    """Check a sweep's command line and plan it: (plan, store, run directory, seeds, executor)."""
     from harness.store import RunStore
-    from harness.sweep import default_run_dir, held_by, parse_overrides, parse_seeds, plan_jobs, run_plan, sweep_outcome
+    from harness.sweep import default_run_dir, parse_overrides, parse_seeds, plan_jobs
 
     for flag, value in (("--tasks", args.tasks), ("--methods", args.methods), ("--seeds", args.seeds)):
         if value is not None and not value.strip():  # given, but empty: never the defaults
@@ -367,8 +398,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"note: not offered: {s}", file=sys.stderr)
     if args.suite:
         _note_published(plan, store, args.suite, args.profile)
-    if args.dry_run:
-        return _dry_run(plan, store, run_dir)
     executor = args.executor or ("ray" if ((args.workers or 1) > 1 or args.address) else "serial")
     if executor != "ray" and (args.workers or 1) > 1:
         raise PopbenchError(f"--workers {args.workers} runs jobs in parallel, which the {executor} executor does not: "
@@ -378,13 +407,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                             "drop one of them")
     if args.workers is None and not args.address:
         args.workers = 1  # with --address, None: as many jobs at once as the cluster has CPUs
-    if executor == "ray":
+    if executor == "ray" and not args.dry_run:
         import importlib.util
 
         from harness.runner import NEEDS_RAY
 
         if importlib.util.find_spec("ray") is None:
             raise PopbenchError(NEEDS_RAY)
+    return plan, store, run_dir, seeds, executor
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from harness.sweep import run_plan, sweep_outcome
+
+    held = _HoldNotes(sys.stderr)
+    with contextlib.redirect_stderr(held):  # a bad command line gets its one sentence, not the notes before it
+        plan, store, run_dir, seeds, executor = _prepare_sweep(args)
+    held.release()
+    if args.dry_run:
+        return _dry_run(plan, store, run_dir)
     try:
         store.ensure()
     except OSError as exc:  # before any job: a run that cannot store its rows must not start

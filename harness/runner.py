@@ -479,7 +479,7 @@ class _ChildProcess:
             return {}
 
     def close(self) -> None:
-        if not self.dead and self.proc.is_alive():
+        if not self.dead and not self.busy and self.proc.is_alive():  # idle: let it end by itself
             try:
                 self.conn.send(("exit", ()))
                 self.proc.join(1)
@@ -621,8 +621,7 @@ def _run_job(job: Job, num_threads: int, device: str, isolate: bool, timeout: fl
         # (v) only when velocities reached the method: a velocity-reading method on a task without
         # them (eb300) used none
         job_row["used_velocities"] = used_velocities and starts_had_velocities
-    except (DivergedError, MethodFailure, MethodDied, MethodTimeout, Exception, SystemExit) as exc:  # noqa: BLE001
-        # every failure becomes a row (sys.exit in a method too)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row (sys.exit in a method too)
         target_rows, predictions, curves = [], {}, {}
         job_row.update(_failed(exc, phase))
     finally:

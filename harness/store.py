@@ -132,7 +132,7 @@ class RunStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.rows_path = self.root / ROWS
-        self.cut: set[str] = set()  # attempts found cut short by the last read (see latest_jobs)
+        self.cut: set[str] = set()  # attempts cut short, not replaced since (see latest_jobs)
 
     def ensure(self) -> None:
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
@@ -185,11 +185,15 @@ class RunStore:
 
     def latest_jobs(self) -> dict[str, dict]:
         """The latest job row per job id (attempts are ordered by ``finished_at``), among the
-        attempts stored whole (:func:`complete_attempts`; ``self.cut`` keeps the ids of the others)."""
+        attempts stored whole (:func:`complete_attempts`; ``self.cut`` keeps the ids of the others
+        that no whole attempt of their job has replaced since)."""
         latest: dict[str, dict] = {}
         rows = self.read_rows()
-        whole, self.cut = complete_attempts(rows)
+        whole, cut = complete_attempts(rows)
+        cut_rows = []
         for r in rows:
+            if r.get("row_type") == "job" and r.get("attempt_id") in cut:
+                cut_rows.append(r)
             if r.get("row_type") != "job" or r.get("attempt_id") not in whole:
                 continue
             prev = latest.get(r["job_id"])
@@ -198,6 +202,9 @@ class RunStore:
                 prev.get("attempt_id", ""),
             ):
                 latest[r["job_id"]] = r
+        # the cut attempts no whole attempt of their job has replaced since
+        self.cut = {r["attempt_id"] for r in cut_rows if r["job_id"] not in latest
+                    or r.get("finished_at", 0) > latest[r["job_id"]].get("finished_at", 0)}
         return latest
 
     def rows_end(self) -> int:

@@ -220,7 +220,7 @@ def test_under_ray_too_the_method_finds_no_held_out_target(tmp_path, ray_cluster
 # The store: a row cut mid-write, a full disk
 
 
-def test_a_job_whose_last_row_was_cut_mid_write_is_not_finished_and_runs_again(tmp_path):
+def test_a_job_whose_last_row_was_cut_mid_write_is_not_finished_and_runs_again(tmp_path, capsys):
     from harness.sweep import plan_jobs, run_plan
 
     plan = plan_jobs("ou/paired", "static", "smoke", [0, 1])
@@ -230,9 +230,11 @@ def test_a_job_whose_last_row_was_cut_mid_write_is_not_finished_and_runs_again(t
     store.rows_path.write_bytes(rows[: rows.rstrip(b"\n").rfind(b"\n") + 40])  # a crash in the last target row
     assert len(store.done_job_ids()) == 1  # seed 1's job row is whole, one of its targets is not
     latest = run_plan(plan, store, progress=False)
+    assert "1 stored attempt(s)" in capsys.readouterr().err  # said once, when it is found
     assert sorted(r["seed"] for r in latest.values() if r["status"] == "ok") == [0, 1]
     complete = [r for r in store.rows_of_latest_attempts() if r["row_type"] == "target"]
     assert len(complete) == 2 * 11  # every target of both jobs, none from the cut attempt
+    assert not store.cut  # replaced: no longer worth a note
 
 
 def test_a_full_disk_names_the_file_says_how_to_resume_and_exits_3(tmp_path, monkeypatch, capsys):
@@ -263,6 +265,19 @@ def test_a_data_file_replaced_by_a_directory_is_named_as_such_not_missing(tmp_pa
     (tmp_path / "ocean" / "oceans_with_v0.npz").mkdir(parents=True)
     with pytest.raises(PopbenchError, match="is not a file"):
         data.resolve("ocean/oceans_with_v0.npz", data_dir=tmp_path, download=False)
+
+
+def test_a_dead_ray_worker_s_message_says_where_its_logs_are():
+    """Ray's own text names python-core-worker-*.log without saying where: the row says where."""
+    from types import SimpleNamespace
+
+    from harness.runner import Job, _worker_died
+
+    node = SimpleNamespace(get_logs_dir_path=lambda: "/tmp/ray/session_x/logs")
+    ray = SimpleNamespace(_private=SimpleNamespace(worker=SimpleNamespace(_global_node=node)))
+    job = Job("ou", "paired", "static", "smoke", 0, log_path="/runs/r/logs/job.log")
+    text = _worker_died(RuntimeError("Check python-core-worker-*.log files for more information"), job, ray)
+    assert "/runs/r/logs/job.log" in text and "python-core-worker-*.log) are in /tmp/ray/session_x/logs" in text
 
 
 # --------------------------------------------------------------------------------------------

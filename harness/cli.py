@@ -714,8 +714,9 @@ def cmd_publish(argv: Sequence[str]) -> int:
             print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)
     # learned curves worth a figure: method -> [(curve key, axis label, the hparam that makes it
     # learned, or None)]; their numbers go to <family>_<method>_curves.csv beside the tables
-    curves = {"wlm": [("loss_curve", "training loss (block means)", None),
-                      ("gamma_curve", "learned friction γ", "learn_friction")],
+    wlm_curves = [("loss_curve", "training loss (block means)", None),
+                  ("gamma_curve", "learned friction γ", "learn_friction")]
+    curves = {**{m: wlm_curves for m in learners if m.startswith("wlm")},  # every WLM row (full gradient too)
               "dice": [("val_curve", "one-step W1, training marginals", None)]}  # what selects its checkpoint
     for family in dict.fromkeys(r["task"] for r in job_rows):
         for m, specs in curves.items():

@@ -962,6 +962,9 @@ class RayExecutor:
             if self.address:
                 kwargs["address"] = self.address
             else:
+                # a cluster of our own even when one runs on this machine (`ray start` leaves its
+                # address where ray.init would otherwise join it, and then refuses num_cpus)
+                kwargs["address"] = "local"
                 kwargs["num_cpus"] = self.workers or 1
                 # Ray nices its workers (15) by default; here they are the benchmark itself, and
                 # niced jobs starve behind any foreground process (fit times, max_minutes budgets)

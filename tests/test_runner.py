@@ -661,3 +661,29 @@ def test_a_commands_table_shows_the_reference_rows_and_tables_hold_the_whole_run
     (md,) = (out / "tables").glob("ou.md")
     text = md.read_text()  # every job of the run, not only the last command's
     assert "harness.testing:Busy" in text and "unpaired" in text and "paired" in text
+
+
+@pytest.mark.ray
+def test_parallel_jobs_start_their_own_cluster_when_another_one_runs_on_the_machine(tmp_path):
+    """`ray start` leaves its cluster's address in Ray's temporary directory, where ray.init would
+    join it (and then refuse the CPU count we give it): without --address, a sweep starts its own.
+    The address file here names a cluster that is not there: joining it would fail just the same."""
+    pytest.importorskip("ray")
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pbrt", dir="/tmp"))  # short: Ray's socket paths have a limit
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6399\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+        out = tmp_path / "run"
+        r = subprocess.run([sys.executable, str(ROOT / "run_all.py"), "--tasks", "ou/paired", "--methods", "static",
+                            "--profile", "smoke", "--workers", "2", "--out", str(out), "--no-progress"],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        assert [j["status"] for j in _jobs(out).values()] == ["ok"]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -465,6 +465,14 @@ class Task(abc.ABC):
         """Data files this variant needs (defaults to the family's)."""
         return cls.data_files
 
+    @classmethod
+    def training_key(cls, variant: str) -> str | None:
+        """A name for this variant's training data when other variants of the family train on the
+        same data (for the same seed): a method then fits once for all of them. ``None`` (the
+        default): the variant's training data are its own. The runner checks that the data are
+        equal before it shares a fit."""
+        return None
+
     @abc.abstractmethod
     def train_data(self) -> TrainData:
         """The training marginals (all a method may see)."""

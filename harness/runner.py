@@ -7,7 +7,8 @@ queries' targets; ask the method for each query's predictions (it receives the s
 the target times), score each target with exact W1 (plus W2 and energy MMD) on the CPU, and return
 result rows. It never raises for a method's fault: a raising method gives a ``failed`` row,
 non-finite or astronomically large samples a ``diverged`` row, each with the reason and the
-traceback.
+traceback. :func:`run_jobs` does the same for jobs that train on the same data (a *unit*, e.g. the
+two Boids variants of one method and seed): one fit, then every job's queries, each job's own rows.
 
 The method runs in a process of its own (``isolate=True``, what both executors do): a fork-server
 child that receives the training data and, after ``fit``, the start marginals and times, and
@@ -16,11 +17,11 @@ process, and a method that crashes, calls ``os._exit`` or is killed by the kerne
 job while the sweep goes on. ``isolate=False`` runs it in the calling process (a debugger's way):
 it still fits before any target is built, but shares the process with the task.
 
-Executors run a list of jobs and hand each finished job's rows to a callback (the store):
+Executors run a list of jobs (or units) and hand each finished job's rows to a callback (the store):
 
-- :class:`SerialExecutor`: one job after the other; with a timeout, a method still running when
+- :class:`SerialExecutor`: one job (unit) after the other; with a timeout, a method still running when
   its time is up is killed. ``isolate=False`` (``--executor inline``): everything in this process.
-- :class:`RayExecutor`: jobs as Ray tasks, at most ``workers`` in flight, one CPU each. Jobs whose
+- :class:`RayExecutor`: jobs (units) as Ray tasks, at most ``workers`` in flight, one CPU each. Jobs whose
   method declares ``num_gpus`` ask Ray for GPUs when the cluster has them and fall back to the CPU
   with a warning when it has none (a GPU request on a GPU-less cluster would wait forever). CPU jobs
   get ``JAX_PLATFORMS=cpu`` and an empty ``CUDA_VISIBLE_DEVICES``; GPU jobs get
@@ -38,6 +39,7 @@ import io
 import json
 import math
 import os
+import pickle
 import resource
 import sys
 import time
@@ -515,49 +517,129 @@ def run_job(job: Job, num_threads: int = 1, device: str = "cpu", *, isolate: boo
     it returns a row with the status. What the job writes to stderr is also appended to
     ``job.log_path`` when it is set.
     """
+    (result,) = run_jobs([job], num_threads, device, isolate=isolate, timeout=timeout, env=env)
+    return result
+
+
+def run_jobs(jobs: Sequence[Job], num_threads: int = 1, device: str = "cpu", *, isolate: bool = False,
+             timeout: float | None = None, env: dict | None = None,
+             on_result: Callable[[Job, dict], None] | None = None) -> list[dict]:
+    """Run jobs that may share a fit (a *unit*, see :func:`harness.sweep.fit_key`); return one
+    result per job, as :func:`run_job` does, in order, and hand each to ``on_result`` as soon as
+    it is complete.
+
+    Jobs of one method, settings and seed whose training data are equal (as the method sees them:
+    times, arrays, pairing; and the simulator for a method given one) are fitted once: one method,
+    one ``fit``, then each job's queries answered by that fitted method, each job with its own rows
+    and timings. Its ``fit_s`` counts the fit on the job that ran it and is 0 on the others; every
+    such row lists the other jobs in ``fit_shared_with``. The fit continues the checkpoint of the
+    first job that has one (else writes the first job's); a failed fit fails every job sharing it
+    with the same reason. ``timeout`` is per job: a fit shared by k jobs may run k times it. The
+    method still receives only the training data, then start marginals and times."""
     if timeout is not None and not isolate:
         raise ValueError("a timeout needs the method in a process of its own (isolate=True)")
-    with _stderr_to_log(job.log_path):
-        return _run_job(job, num_threads, device, isolate, timeout, env)
+    results: dict[int, dict] = {}
+
+    def finish(member: _Member, used: dict) -> None:
+        results[member.i] = member.result(used)
+        if on_result is not None:
+            on_result(member.job, results[member.i])
+
+    ready: list[_Member] = []
+    for i, job in enumerate(jobs):
+        member = _Member(i, job, device)
+        with member.logged():
+            member.prepare()
+        if member.failed:
+            finish(member, {})
+        else:
+            ready.append(member)
+    fits: dict[str, list[_Member]] = {}
+    for member in ready:
+        fits.setdefault(member.fit_identity() if len(ready) > 1 else "", []).append(member)
+    for group in fits.values():
+        _fit_and_answer(group, num_threads, device, isolate, timeout, env, finish)
+    return [results[i] for i in range(len(jobs))]
 
 
-def _run_job(job: Job, num_threads: int, device: str, isolate: bool, timeout: float | None,
-             env: dict | None) -> dict:
-    from harness import metrics, registry
+class _Member:
+    """One job of a unit on the job's side: its task, the training data its method sees, its rows."""
 
-    started = time.time()
-    base = _row_base(job, device)
-    job_row: dict[str, Any] = {**base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
-    target_rows: list[dict] = []
-    curves: dict = {}
-    predictions: dict[str, np.ndarray] = {}
-    phase = "setup"
-    fit_s = predict_s = 0.0
-    host: Any = None
-    used: dict = {}
-    try:
-        task_cls = registry.tasks.load(job.family)
-        method_cls = registry.methods.load(job.method)
-        caps = method_cls.capabilities
-        task = task_cls(job.variant, seed=job.seed, data_dir=job.data_dir)
-        phase = "data"
-        data = caps.shown(task.train_data())  # only a method marked (v) may see velocities
-        sim = None
-        if caps.requires_simulator:
-            sim = task.simulator()
-            if sim is None:
-                raise PopbenchError(f"{job.method} needs a simulator and {job.task} has none")
-        phase = "setup"
-        host = (_ChildProcess if isolate else _InProcess)(job, device, num_threads, env=env, timeout=timeout)
-        host.call("setup", sim)
-        phase = "fit"
-        fit_s = host.call("fit", data)
-        phase = "data"
+    def __init__(self, i: int, job: Job, device: str):
+        self.i, self.job, self.device = i, job, device
+        self.base = _row_base(job, device)
+        self.row: dict[str, Any] = {**self.base, "row_type": "job", "status": "ok", "error": None, "traceback": None}
+        self.targets: list[dict] = []
+        self.curves: dict = {}
+        self.predictions: dict[str, np.ndarray] = {}
+        self.phase = "setup"
+        self.fit_s = self.predict_s = self.wall_s = 0.0
+        self.failed = False
+        self.opened = False
+        self.task = self.method_cls = self.caps = self.data = self.sim = None
+
+    @contextlib.contextmanager
+    def logged(self):
+        """This job's stderr copied into its log (the header once per attempt); its wall time counted."""
+        t0 = time.time()
+        try:
+            with _stderr_to_log(self.job.log_path, header=not self.opened):
+                self.opened = True
+                yield
+        finally:
+            self.wall_s += time.time() - t0
+
+    def fail(self, info: dict) -> None:
+        self.failed = True
+        self.targets, self.predictions, self.curves = [], {}, {}
+        self.row.update(info)
+
+    def prepare(self) -> None:
+        """The task and the training data (built before anything else of the job)."""
+        from harness import registry
+
+        job = self.job
+        try:
+            task_cls = registry.tasks.load(job.family)
+            self.method_cls = registry.methods.load(job.method)
+            self.caps = self.method_cls.capabilities
+            self.task = task_cls(job.variant, seed=job.seed, data_dir=job.data_dir)
+            self.phase = "data"
+            self.data = self.caps.shown(self.task.train_data())  # only a method marked (v) may see velocities
+            if self.caps.requires_simulator:
+                self.sim = self.task.simulator()
+                if self.sim is None:
+                    raise PopbenchError(f"{job.method} needs a simulator and {job.task} has none")
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row
+            self.fail(_failed(exc, self.phase))
+
+    def fit_identity(self) -> str:
+        """What a fit depends on: method, settings (budgets too), seed, and the training data and
+        simulator as the method gets them (not the variant's name)."""
+        h = hashlib.sha256()
+        d = self.data
+        h.update(json.dumps([self.job.method, self.job.profile, self.job.seed, self.job.hparams, d.family, d.paired],
+                            sort_keys=True, default=str).encode())
+        for m in d.marginals:
+            h.update(json.dumps([m.t, m.index, m.x.shape, m.v is not None]).encode())
+            h.update(np.ascontiguousarray(m.x).tobytes())
+            if m.v is not None:
+                h.update(np.ascontiguousarray(m.v).tobytes())
+        if self.sim is not None:
+            h.update(pickle.dumps(self.sim))
+        return h.hexdigest()
+
+    def answer(self, host: Any) -> None:
+        """Ask the fitted method for this job's queries and score them (raises on a failure)."""
+        from harness import metrics
+
+        job, task, data, caps, base = self.job, self.task, self.data, self.caps, self.base
+        self.phase = "data"
         queries = task.queries()  # the targets exist from here on: the method has fitted
         cells: dict[TableColumn, float] = {}
         starts_had_velocities = False
         for qi, q in enumerate(queries):
-            phase = "predict"
+            self.phase = "predict"
             start, times = q.request()
             start = caps.shown(start)
             starts_had_velocities |= start.v is not None
@@ -569,15 +651,15 @@ def _run_job(job: Job, num_threads: int, device: str, isolate: bool, timeout: fl
             pred = None
             if asked_times:
                 raw, seconds = host.call("predict", start, asked_times, qseed)
-                predict_s += seconds
+                self.predict_s += seconds
                 pred = _check_prediction(raw, start, asked_times)
-                predictions[f"{q.name}/times"] = np.asarray(asked_times)
-                predictions[f"{q.name}/samples"] = np.stack(pred.samples).astype(np.float32)
+                self.predictions[f"{q.name}/times"] = np.asarray(asked_times)
+                self.predictions[f"{q.name}/samples"] = np.stack(pred.samples).astype(np.float32)
                 if pred.weights is not None:
-                    predictions[f"{q.name}/weights"] = np.stack(pred.weights).astype(np.float32)
+                    self.predictions[f"{q.name}/weights"] = np.stack(pred.weights).astype(np.float32)
             w1s: list[float] = []
             k = 0
-            phase = "score"
+            self.phase = "score"
             for tg, a in zip(q.targets, ask):
                 row = {
                     **base,
@@ -599,46 +681,105 @@ def _run_job(job: Job, num_threads: int, device: str, isolate: bool, timeout: fl
                     row.update({"w1": None, "w2": None, "mmd": None, "status": "skipped",
                                 "error": "the method cannot " + ("interpolate" if target_within_training(tg.t, data) else "forecast")})
                     w1s.append(math.nan)
-                target_rows.append(row)
+                self.targets.append(row)
             cells.update(task.summarize(q, w1s))
         cells.update(task.extra_columns(cells))
-        job_row["cells"] = [
+        self.row["cells"] = [
             {"group": c.group, "key": c.key, "paper_variant": c.paper_variant, "value": v}
             for c, v in cells.items()
             if v is not None and math.isfinite(v)
         ]
-        phase = "learned"
+        self.phase = "learned"
         learned, used_velocities = host.call("learned")
-        scalars, curves = _split_learned(learned)
-        _storable(scalars, curves)
-        job_row["learned"] = scalars
+        scalars, self.curves = _split_learned(learned)
+        _storable(scalars, self.curves)
+        self.row["learned"] = scalars
         if scalars.get("training_complete") is False:  # scored, but not the configured run
+            budget_keys = self.method_cls.budget_keys
             done, target = scalars.get("iterations"), scalars.get("iterations_target")
-            job_row.update(status="partial", error=(
-                f"training stopped early by {', '.join(method_cls.budget_keys) or 'a budget'}"
+            self.row.update(status="partial", error=(
+                f"training stopped early by {', '.join(budget_keys) or 'a budget'}"
                 + (f" at iteration {done:,} of {target:,}" if isinstance(done, int) and isinstance(target, int) else "")
                 + "; rerun the same command to continue it"))
         # (v) only when velocities reached the method: a velocity-reading method on a task without
         # them (eb300) used none
-        job_row["used_velocities"] = used_velocities and starts_had_velocities
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row (sys.exit in a method too)
-        target_rows, predictions, curves = [], {}, {}
-        job_row.update(_failed(exc, phase))
+        self.row["used_velocities"] = used_velocities and starts_had_velocities
+
+    def result(self, used: dict) -> dict:
+        self.row.update(
+            fit_s=self.fit_s,
+            predict_s=self.predict_s,
+            wall_s=self.wall_s,
+            peak_mem_mb=used.get("peak_mem_mb"),
+            finished_at=time.time(),
+        )
+        if "peak_gpu_mem_mb" in used:
+            self.row["peak_gpu_mem_mb"] = used["peak_gpu_mem_mb"]
+        self.row["hardware"] = used.get("hardware") or hardware(self.device)
+        return {"job": self.row, "targets": self.targets, "curves": self.curves, "predictions": self.predictions}
+
+
+def _note_in_log(path: str | None, text: str) -> None:
+    """A line in a job's log only (not on the terminal the job's stderr also reaches)."""
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        except OSError:
+            pass
+
+
+def _fit_and_answer(group: list[_Member], num_threads: int, device: str, isolate: bool, timeout: float | None,
+                    env: dict | None, finish: Callable[[_Member, dict], None]) -> None:
+    """One fit for the jobs of ``group`` (equal fit identities), then each job's queries."""
+    # the fit continues a checkpoint one of its jobs left (an attempt before they shared), else
+    # writes the first job's: that job's row counts the fit, its log holds the fit's output
+    fitter = next((m for m in group if m.job.checkpoint_path and Path(m.job.checkpoint_path).exists()), group[0])
+    order = [fitter, *(m for m in group if m is not fitter)]
+    if len(order) > 1:
+        for m in order:
+            m.row["fit_shared_with"] = [o.job.job_id for o in order if o is not m]
+    host: Any = None
+    used: dict = {}
+    try:
+        with fitter.logged():
+            try:
+                fitter.phase = "setup"
+                host = (_ChildProcess if isolate else _InProcess)(
+                    fitter.job, device, num_threads, env=env, timeout=None if timeout is None else timeout * len(order))
+                host.call("setup", fitter.sim)
+                fitter.phase = "fit"
+                fitter.fit_s = host.call("fit", fitter.data)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row
+                failure = _failed(exc, fitter.phase)
+                for m in order:  # the same reason for every job of the fit
+                    m.fail(failure)
+        if fitter.failed:
+            used = host.resources() if host is not None else {}
+            for m in order:
+                finish(m, used)
+            return
+        ended: dict | None = None  # the failure that ended the method's process, for the jobs after it
+        for m in order:
+            if m is not fitter:
+                _note_in_log(m.job.log_path, f"the fit is shared with {fitter.job.describe()}; its output is in "
+                                             f"{fitter.job.log_path}")
+            with m.logged():
+                if ended is not None:
+                    m.fail(ended)
+                else:
+                    try:
+                        m.answer(host)
+                    except (Exception, SystemExit) as exc:  # noqa: BLE001 - every failure becomes a row
+                        failure = _failed(exc, m.phase)
+                        m.fail(failure)
+                        if isinstance(exc, (MethodDied, MethodTimeout)):
+                            ended = failure
+            used = host.resources() or used
+            finish(m, used)
     finally:
         if host is not None:
-            used = host.resources()
             host.close()
-    job_row.update(
-        fit_s=fit_s,
-        predict_s=predict_s,
-        wall_s=time.time() - started,
-        peak_mem_mb=used.get("peak_mem_mb"),
-        finished_at=time.time(),
-    )
-    if "peak_gpu_mem_mb" in used:
-        job_row["peak_gpu_mem_mb"] = used["peak_gpu_mem_mb"]
-    job_row["hardware"] = used.get("hardware") or hardware(device)
-    return {"job": job_row, "targets": target_rows, "curves": curves, "predictions": predictions}
 
 
 def _failed(exc: BaseException, phase: str) -> dict:
@@ -703,13 +844,21 @@ def failure_result(job: Job, status: str, error: str, tb: str | None = None, dev
     return {"job": row, "targets": [], "curves": {}}
 
 
+Unit = tuple[Job, ...]
+"""Jobs run together, sharing a fit where their training data are equal (:func:`run_jobs`)."""
 OnResult = Callable[[Job, dict], None]
-Admit = Callable[[Job], bool]
-"""Asked just before a job starts; False skips it (another process runs it, or ran it meanwhile)."""
+Admit = Callable[[Unit], Unit]
+"""Asked just before a unit starts: the jobs of it to run now (another process may run, or have run,
+the others; none: the unit is skipped)."""
 
 
-def _admit_all(job: Job) -> bool:
-    return True
+def _admit_all(unit: Unit) -> Unit:
+    return unit
+
+
+def as_units(items: Sequence[Job | Sequence[Job]]) -> list[Unit]:
+    """Executors' input: jobs (each a unit of its own) or units."""
+    return [tuple(item) if isinstance(item, (list, tuple)) else (item,) for item in items]
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,27 +941,31 @@ class SerialExecutor:
                 return "cuda", dict(GPU_ENV)
         return "cpu", dict(CPU_ENV)
 
-    def run(self, jobs: Sequence[Job], on_result: OnResult, admit: Admit = _admit_all) -> None:
-        if self._gpus is None and any(j.num_gpus > 0 for j in jobs):
+    def run(self, jobs: Sequence[Job | Sequence[Job]], on_result: OnResult, admit: Admit = _admit_all) -> None:
+        """Run ``jobs`` (jobs, or units of jobs that may share a fit), handing each job's result to
+        ``on_result`` as soon as it is complete."""
+        units = as_units(jobs)
+        if self._gpus is None and any(j.num_gpus > 0 for u in units for j in u):
             self._gpus = local_gpus()  # before a CPU job's environment could hide the GPUs
         if self.isolate:
-            preload([j.framework for j in jobs])
+            preload([j.framework for u in units for j in u])
         restore = _sigterm_as_interrupt()  # a stopped driver must not leave a method's process behind
         try:
-            for job in jobs:
-                if not admit(job):
+            for unit in units:
+                unit = admit(unit)
+                if not unit:
                     continue
-                device, env = self.placement(job)
+                device, env = self.placement(unit[0])  # one method: one placement
                 if self.isolate:  # the method's process gets the job's environment, this one keeps its own
-                    on_result(job, run_job(job, num_threads=self.num_threads, device=device, isolate=True,
-                                           timeout=self.timeout, env=env))
+                    run_jobs(unit, num_threads=self.num_threads, device=device, isolate=True, timeout=self.timeout,
+                             env=env, on_result=on_result)
                     continue
                 # in this process: hide the GPUs from a CPU job only when no job will use one (once
                 # hidden, this process's torch never sees them again), and only before a framework
                 # is loaded (it would not see the change after)
                 if device != "cpu" or (not self._gpus and "torch" not in sys.modules and "jax" not in sys.modules):
                     os.environ.update(env)
-                on_result(job, run_job(job, num_threads=self.num_threads, device=device))
+                run_jobs(unit, num_threads=self.num_threads, device=device, on_result=on_result)
         finally:
             restore()
 
@@ -821,8 +974,8 @@ class SerialExecutor:
 # Ray executor
 
 
-def _ray_job(job: Job, device: str) -> dict:
-    return run_job(job, num_threads=1, device=device, isolate=True)
+def _ray_unit(unit: Unit, device: str) -> list[dict]:
+    return run_jobs(unit, num_threads=1, device=device, isolate=True)
 
 
 def _raise_interrupt(signum, frame):
@@ -1000,12 +1153,13 @@ class RayExecutor:
         finally:
             restore()
 
-    def _run(self, ray, jobs: Sequence[Job], on_result: OnResult, admit: Admit) -> None:
+    def _run(self, ray, jobs: Sequence[Job | Sequence[Job]], on_result: OnResult, admit: Admit) -> None:
         resources = ray.cluster_resources()
         cluster_gpus = float(resources.get("GPU", 0))
-        remote = ray.remote(_ray_job)
-        pending = [(job, *self.placement(job, cluster_gpus)) for job in jobs]
-        inflight: dict[Any, tuple[Job, float, str, float]] = {}
+        remote = ray.remote(_ray_unit)
+        # a unit (jobs sharing a fit) is one Ray task, placed as its first job (one method)
+        pending = [(unit, *self.placement(unit[0], cluster_gpus)) for unit in as_units(jobs)]
+        inflight: dict[Any, tuple[Unit, float, str, float]] = {}
         # Submit only what the cluster can start at once (CPU slots, and GPUs for GPU jobs), so that
         # a submitted job is a running job and --timeout never counts time spent in Ray's queue
         # (on a cluster shared with other drivers it still may: their jobs hold resources too).
@@ -1015,27 +1169,30 @@ class RayExecutor:
 
         def finish(ref) -> None:
             nonlocal free_gpus
-            job, _, device, gpus = inflight.pop(ref)
+            unit, _, device, gpus = inflight.pop(ref)
             try:
-                result = ray.get(ref)
-            except Exception as exc:  # worker died, or the task raised outside run_job
-                result = failure_result(job, "failed", _worker_died(exc, job, ray), traceback.format_exc(), device)
+                results = ray.get(ref)
+            except Exception as exc:  # worker died, or the task raised outside run_jobs
+                why, tb = _worker_died(exc, unit[0], ray), traceback.format_exc()
+                results = [failure_result(job, "failed", why, tb, device) for job in unit]
             free_gpus += gpus
-            on_result(job, result)
+            for job, result in zip(unit, results):
+                on_result(job, result)
 
         while pending or inflight:
             i = 0
             while i < len(pending) and len(inflight) < slots:
-                job, opts, device = pending[i]
+                unit, opts, device = pending[i]
                 if opts["num_gpus"] > free_gpus + 1e-9:
                     i += 1  # waits for a GPU; CPU jobs behind it may start
                     continue
                 pending.pop(i)
-                if not admit(job):
+                unit = admit(unit)
+                if not unit:
                     continue
                 free_gpus -= opts["num_gpus"]
-                ref = remote.options(**opts).remote(job, device)
-                inflight[ref] = (job, time.monotonic(), device, opts["num_gpus"])
+                ref = remote.options(**opts).remote(unit, device)
+                inflight[ref] = (unit, time.monotonic(), device, opts["num_gpus"])
             if not inflight and not pending:  # the rest were not admitted
                 break
             if not inflight:  # cannot happen: placement caps a job's GPUs at the cluster's
@@ -1045,8 +1202,8 @@ class RayExecutor:
                 finish(ref)
             if self.timeout is not None:
                 now = time.monotonic()
-                for ref, (job, t_start, device, gpus) in list(inflight.items()):
-                    if now - t_start <= self.timeout:
+                for ref, (unit, t_start, device, gpus) in list(inflight.items()):
+                    if now - t_start <= self.timeout * len(unit):  # a shared fit: the timeout per job
                         continue
                     if ray.wait([ref], timeout=0)[0]:  # finished since the wait above: keep its result
                         finish(ref)
@@ -1054,8 +1211,11 @@ class RayExecutor:
                     ray.cancel(ref, force=True)
                     inflight.pop(ref)
                     free_gpus += gpus
-                    on_result(job, failure_result(job, "timeout", f"stopped after the {self.timeout:g} s timeout",
-                                                  device=device))
+                    why = f"stopped after the {self.timeout:g} s timeout"
+                    if len(unit) > 1:
+                        why += f" per job ({len(unit)} jobs sharing a fit)"
+                    for job in unit:
+                        on_result(job, failure_result(job, "timeout", why, device=device))
 
 
 def job_to_dict(job: Job) -> dict:

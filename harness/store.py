@@ -21,7 +21,8 @@ Layout of a run directory:
 - ``locks/<job_id>.lock``: the claim of the process running a job (``RunStore.claim``), taken
   just before the job starts. A sweep skips a job another live process holds, so two commands
   never train one job into one checkpoint (and two runs of one command split its jobs); the
-  kernel drops a claim when its process dies.
+  kernel drops a claim when its process dies. ``locks/fits/<key>.lock``: the claim of a fit that
+  several jobs share (``RunStore.claim_fit``), taken before its jobs' claims.
 
 A run travels between machines as a *bundle* (:func:`write_bundle`): ``publish`` writes one beside
 the tables it makes (``rows.jsonl.gz``), and ``restore`` (:meth:`RunStore.restore_bundle`) appends
@@ -318,7 +319,20 @@ class RunStore:
         file keeps the holder's pid, host and start time for ``claimed_by``; it is not deleted
         (unlinking a lock file races with a process about to lock it).
         """
-        path = self._lock_path(job_id)
+        return self._claim(self._lock_path(job_id))
+
+    def claim_fit(self, key: str) -> IO[str] | None:
+        """Claim a fit that several jobs share (``harness.sweep.fit_key``), as :meth:`claim` claims a
+        job (``locks/fits/<key>.lock``): held while the fit's jobs run, so that no two processes
+        fit one model at once, whichever of its jobs each has."""
+        return self._claim(self._fit_lock_path(key))
+
+    def fit_claimed_by(self, key: str) -> dict | None:
+        """Who fits the shared model ``key`` now (as :meth:`claimed_by` answers for a job)."""
+        return self._holder(self._fit_lock_path(key))
+
+    @staticmethod
+    def _claim(path: Path) -> IO[str] | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")
         for attempt in range(5):  # a claimed_by() probe holds a shared lock for an instant: try again
@@ -356,6 +370,9 @@ class RunStore:
 
     def _lock_path(self, job_id: str) -> Path:
         return self.root / "locks" / (_file_name(job_id) + ".lock")
+
+    def _fit_lock_path(self, key: str) -> Path:
+        return self.root / "locks" / "fits" / (_file_name(key) + ".lock")
 
     def write_predictions(self, stem: str, arrays: dict) -> str:
         """A job's predicted samples per query (float32, compressed), for figures."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import sys
@@ -194,6 +195,27 @@ def plan_jobs(
     return Plan(jobs, skipped)
 
 
+def fit_key(job: Job) -> str | None:
+    """The model a job fits, when its task says that other variants train on the same data
+    (``Task.training_key``): jobs with one key (method, settings, seed, profile, data directory and
+    training data) form one unit that fits once and answers all their queries. ``None``: the job's
+    fit is its own."""
+    training = registry.tasks.load(job.family).training_key(job.variant)
+    if training is None:
+        return None
+    # budget keys left out (as in job ids): a capped fit is the same model as the uncapped one
+    ident = [job.family, training, job.method, job.profile, job.seed, job.hparams_hash, job.data_dir]
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:16]
+
+
+def units_of(jobs: Sequence[Job]) -> list[tuple[Job, ...]]:
+    """Jobs grouped by :func:`fit_key` (a job without one alone), in the order of each unit's first job."""
+    units: dict[str, list[Job]] = {}
+    for job in jobs:
+        units.setdefault(fit_key(job) or "job:" + job.job_id, []).append(job)
+    return [tuple(u) for u in units.values()]
+
+
 def _duration(seconds: float) -> str:
     """``45 s``, ``12 min``, ``3 h 05 min``: how long a job took or has run."""
     if seconds < 90:
@@ -343,10 +365,17 @@ def sweep_outcome(plan: Plan, store: RunStore) -> tuple[dict[str, dict], set[str
 
     Claims are looked at before the rows, and the rows read again when a claim was released
     meanwhile: a process stores a job's rows before it releases its claim, so a job that another
-    process finishes during this look is found stored, never reported lost."""
-    held = {j.job_id for j in plan.jobs if store.claimed_by(j.job_id) is not None}
+    process finishes during this look is found stored, never reported lost. A job whose shared fit
+    another process holds (:meth:`RunStore.claim_fit`) counts as running there."""
+    keys = {j.job_id: fit_key(j) for j in plan.jobs}
+
+    def busy(jid: str) -> bool:
+        key = keys[jid]
+        return store.claimed_by(jid) is not None or (key is not None and store.fit_claimed_by(key) is not None)
+
+    held = {j.job_id for j in plan.jobs if busy(j.job_id)}
     latest = store.latest_jobs()
-    running = {jid for jid in held if store.claimed_by(jid) is not None}
+    running = {jid for jid in held if busy(jid)}
     if held - running:
         latest = store.latest_jobs()
     latest = {j.job_id: latest[j.job_id] for j in plan.jobs if j.job_id in latest}
@@ -367,7 +396,9 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
                  ray_init: dict | None, threads: int) -> None:
     """Run the plan's jobs not done yet, each claimed (``RunStore.claim``) just before it starts and
     released once its rows are stored: processes sharing a run directory split its jobs between
-    them and never train one job twice."""
+    them and never train one job twice. Jobs that share a fit (:func:`fit_key`) run as one unit:
+    its fit is claimed first (``RunStore.claim_fit``), then its jobs, so that no two processes fit
+    one model at once; the fit's claim is released once every job of the unit is stored."""
     stream = sys.stderr  # the real one: a job in this process copies sys.stderr into its log meanwhile
     start = store.rows_end()  # before reading them: a row stored in between is seen by admit
     done = set() if force else store.done_job_ids()
@@ -397,6 +428,9 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
         raise PopbenchError(f"unknown executor {executor!r}; choose serial, inline or ray")
     bar = Progress(len(todo), progress, stream, store)
     seen: dict[str, Any] = {"offset": start, "ids": set()}
+    units = units_of(todo)
+    keys = {job.job_id: fit_key(job) for job in todo}
+    waiting: dict[str, set[str]] = {}  # a claimed shared fit -> its jobs not stored yet
 
     def ran_elsewhere(job: Job) -> bool:
         """Another process stored an attempt of ``job`` (any status) since this sweep began: it
@@ -405,7 +439,36 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
         seen["ids"] |= ids
         return job.job_id in seen["ids"]
 
-    def admit(job: Job) -> bool:
+    def admit(unit: tuple[Job, ...]) -> tuple[Job, ...]:
+        key = keys[unit[0].job_id]
+        if key is None:
+            return tuple(j for j in unit if admit_job(j))
+        fh = store.claim_fit(key)
+        if fh is None:
+            holder = held_by(store.fit_claimed_by(key) or {})
+            for job in unit:
+                bar.say(f"note: skipped {job.describe()}: another process is fitting its model (shared with another "
+                        f"variant) in {store.root} ({holder}); rerun this command once it finishes")
+                bar.dropped(job)
+            return ()
+        admitted = tuple(j for j in unit if admit_job(j))
+        if admitted:
+            claims["fit:" + key] = fh
+            waiting[key] = {j.job_id for j in admitted}
+        else:
+            fh.close()
+        return admitted
+
+    def release_fit(job: Job) -> None:
+        key = keys[job.job_id]
+        if key is None or key not in waiting:
+            return
+        waiting[key].discard(job.job_id)
+        if not waiting[key]:  # every job of the fit stored: another process may fit it now
+            del waiting[key]
+            claims.pop("fit:" + key).close()
+
+    def admit_job(job: Job) -> bool:
         fh = store.claim(job.job_id)
         if fh is None:
             bar.say(f"note: skipped {job.describe()}: another process is running it in {store.root} "
@@ -446,10 +509,11 @@ def _run_claimed(plan: Plan, store: RunStore, claims: dict[str, Any], *, executo
         fh = claims.pop(job.job_id, None)
         if fh is not None:  # stored: another process may take the job now
             fh.close()
+        release_fit(job)
         bar.done(job, result)
 
     try:
-        ex.run(todo, on_result, admit)
+        ex.run(units, on_result, admit)
     finally:
         bar.close()
 

@@ -213,7 +213,37 @@ def _publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-partial", action="store_true",
                    help="also tabulate and draw partial jobs as '<method> (partial)', with a footnote giving the "
                    "iterations each reached")
+    p.add_argument("--drop-superseded", action="store_true",
+                   help="leave out jobs run with settings other than the method's current ones for their task and "
+                   "profile (e.g. made by an older version of the method), naming each; without it they get rows "
+                   "of their own, '<method> [<hash>]'")
     return p
+
+
+def _superseded(rows: list[dict]) -> dict[str, str]:
+    """job id -> its current settings hash, for every job row whose settings differ from what its
+    method would run with now on its task and profile (no ``--set``). A method or task that no
+    longer loads is kept: there is nothing to compare it with."""
+    from harness import registry
+    from harness.runner import hparams_hash
+    from harness.sweep import _settings
+
+    out: dict[str, str] = {}
+    current: dict[tuple[str, str, str, str], str | None] = {}
+    for r in rows:
+        if r.get("row_type") != "job":
+            continue
+        key = (r["method"], r["task"], r["variant"], r["profile"])
+        if key not in current:
+            try:
+                mcls = registry.methods.load(r["method"])
+                hp = _settings(r["method"], mcls, f"{r['task']}/{r['variant']}", r["profile"], {})
+                current[key] = hparams_hash(hp, getattr(mcls, "budget_keys", ()))
+            except (PopbenchError, ValueError, KeyError):
+                current[key] = None
+        if current[key] is not None and r.get("hparams_hash") != current[key]:
+            out[r["job_id"]] = current[key]
+    return out
 
 
 def _restore_parser() -> argparse.ArgumentParser:
@@ -641,14 +671,16 @@ def cmd_plot(argv: Sequence[str]) -> int:
     return 0
 
 
-def _keeps_published_jobs(bundle: Path, rows: list[dict], suite: str, profile: str) -> None:
+def _keeps_published_jobs(bundle: Path, rows: list[dict], suite: str, profile: str,
+                          dropped: set[str] = frozenset()) -> None:
     """Refuse to publish over a publication whose jobs the run lacks (e.g. a fresh clone's run
-    that was never restored): its tables would silently lose them."""
+    that was never restored): its tables would silently lose them. Jobs ``--drop-superseded``
+    leaves out on purpose (``dropped``) are not lost."""
     from harness.store import bundle_job_ids
 
     if not bundle.exists():
         return
-    lost = sorted(bundle_job_ids(bundle) - {r.get("job_id") for r in rows})
+    lost = sorted(bundle_job_ids(bundle) - {r.get("job_id") for r in rows} - set(dropped))
     if lost:
         raise PopbenchError(f"{bundle.parent} publishes {len(lost)} jobs the run does not hold (e.g. {lost[0]}): "
                             f"`python run_all.py restore --suite {suite} --profile {profile}` brings them into the "
@@ -668,7 +700,12 @@ def cmd_publish(argv: Sequence[str]) -> int:
     out = Path(args.out) if args.out else published_dir(args.suite, args.profile)
     rows = [r for r in _stored_rows(run_dir, f"run `python run_all.py --suite {args.suite} --profile "
                                               f"{args.profile}` first") if r["profile"] == args.profile]
-    _keeps_published_jobs(out / BUNDLE, rows, args.suite, args.profile)
+    dropped = _superseded(rows) if args.drop_superseded else {}
+    if dropped:
+        for job_id in sorted(dropped):
+            print(f"dropped (superseded settings; {job_id.split('|')[1]} now runs {dropped[job_id]}): {job_id}")
+        rows = [r for r in rows if r["job_id"] not in dropped]
+    _keeps_published_jobs(out / BUNDLE, rows, args.suite, args.profile, dropped=set(dropped))
     profile_rows = rows  # the bundle keeps every seed, whatever --seeds tabulates
     keep = set(parse_seeds(args.seeds)) if args.seeds else None
     if args.seed is None:

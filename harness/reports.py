@@ -896,7 +896,7 @@ def jobs_frame(job_rows: Iterable[dict]) -> pd.DataFrame:
     for r in job_rows:
         rec = {k: r.get(k) for k in ("task", "variant", "method", "profile", "seed", "status", "error", "fit_s",
                                      "predict_s", "wall_s", "peak_mem_mb", "device", "hardware",
-                                     "hparams_hash", "git_revision")}
+                                     "hparams_hash", "git_revision", "fit_shared_with")}
         if (r.get("learned") or {}).get("training_complete") is False:
             rec["status"] = "partial"  # also where a table relabels it "<method> (partial)" to show it
         for k, v in (r.get("learned") or {}).items():

@@ -33,7 +33,7 @@ def ray_cluster():
             # JAX (imported by earlier tests) warns on every fork; Ray's are subprocess fork+exec
             # of its daemons (the child runs no JAX code), not a fork of this runtime
             warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-            ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+            ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                      _system_config={"worker_niceness": 0})  # as the harness starts its own
     yield ray
     ray.shutdown()

@@ -250,13 +250,19 @@ def check_method(
     check_determinism: bool = True,
 ) -> None:
     """Fit and predict ``method_cls`` on ``task`` (default: the toy OU task, paired; for a method
-    that requires velocities, the vortex's interpolation) twice with the same seed and check the
+    that requires velocities, the vortex's interpolation; for one made for other families, the
+    first variant of the first of them) twice with the same seed and check the
     protocol's rules. Uses the ``smoke`` profile unless told otherwise."""
     if not method_cls.name:
         _fail(f"{method_cls.__name__}.name is empty")
     caps = method_cls.capabilities
     if not (caps.interpolate or caps.forecast):
         _fail(f"{method_cls.__name__} can neither interpolate nor forecast")
+    if task is None and caps.families and "ou" not in caps.families:  # made for other families
+        from harness import registry
+
+        task_cls = registry.tasks.load(caps.families[0])
+        task = task_cls(task_cls.variants[0], seed=seed)
     if task is None and caps.requires_velocities:  # the toy task has velocities at t0 only
         from tasks.vortex import Vortex
 

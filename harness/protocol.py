@@ -216,6 +216,9 @@ class Capabilities:
     - ``requires_simulator``: the method is the ``oracle`` and needs the task's true simulator.
     - ``stochastic``: predictions may depend on the ``seed`` passed to ``predict`` (False is a
       promise that conformance checks: another seed, the same predictions).
+    - ``families``: the task families the method's model is made for (a vortex-shaped reference
+      process, say); empty = any. The harness does not offer such a method another family's task,
+      except a task that :attr:`Task.resembles` one of them; conformance checks it on the first.
     """
 
     interpolate: bool = True
@@ -226,6 +229,15 @@ class Capabilities:
     num_gpus: float = 0.0
     requires_simulator: bool = False
     stochastic: bool = False
+    families: tuple[str, ...] = ()
+
+    def accepts(self, task_cls: type, variant: str) -> bool:
+        """Whether a task class's variant is of (or resembles) one of :attr:`families`."""
+        if not self.families:
+            return True
+        like = task_cls.resembles
+        like = like.get(variant, "") if isinstance(like, Mapping) else (like or "")
+        return bool({task_cls.family, like.split("/")[0]} & set(self.families))
 
     @property
     def extra(self) -> str | None:

@@ -26,6 +26,8 @@ class Suite:
 REFERENCE = "static,velocity_extrapolation"
 # WLM with the full gradient (through the positions), beside `wlm` (the authors' detached gradient)
 WLM_FULL = "wlm_full_gradient"
+# the flow-matching rows of Tables 2 and 3 (interpolation only; curly_fm needs observed velocities)
+FLOW_MATCHING = "i_cfm,ot_cfm,sb_cfm,sf2m_exact,sf2m_sink,i_mfm,ot_mfm,curly_fm"
 
 SUITES: dict[str, Suite] = {
     "table1": Suite(
@@ -36,13 +38,13 @@ SUITES: dict[str, Suite] = {
     ),
     "table2": Suite(
         tasks="vortex",
-        methods=f"wlm,{WLM_FULL},am,uam,sam,dice,{REFERENCE}",
+        methods=f"wlm,{WLM_FULL},sbirr,vanilla_sb,snap_mmd,am,uam,sam,dice,{FLOW_MATCHING},{REFERENCE}",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,2"},
         description="Table 2: ocean vortex interpolation (small) and forecast (big)",
     ),
     "table3": Suite(
         tasks="eb",
-        methods=f"wlm,{WLM_FULL},am,uam,sam,dice,{REFERENCE}",
+        methods=f"wlm,{WLM_FULL},sbirr,vanilla_sb,am,uam,sam,dice,{FLOW_MATCHING},{REFERENCE}",
         seeds={"smoke": "0", "quick": "0,1,2", "paper": "0,1,10,11,100"},
         description="Table 3: EB leave-one-out (the eb300 stand-in when the full file is absent)",
     ),

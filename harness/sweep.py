@@ -169,6 +169,10 @@ def plan_jobs(
             if caps.requires_simulator and not task_cls.has_simulator:
                 skipped.append(f"{mname} on {family}/{variant}: the task has no true simulator (real data)")
                 continue
+            if not caps.accepts(task_cls, variant):
+                skipped.append(f"{mname} on {family}/{variant}: it is made for the "
+                               f"{', '.join(caps.families)} famil{'ies' if len(caps.families) > 1 else 'y'} only")
+                continue
             if probe is None:
                 probe = task_cls(variant, seed=seeds[0], data_dir=data_dir)  # raises on missing data
             if caps.requires_velocities and any(m.v is None for m in probe.train_data().marginals):

@@ -389,17 +389,13 @@ class SBIRR(Method):
 
     name = "sbirr"
     capabilities = Capabilities(interpolate=True, forecast=True, uses_velocities=False, framework="torch",
-                                num_gpus=0.0, stochastic=True)
+                                num_gpus=0.0, stochastic=True, families=FAMILIES)
 
     on_outer_iteration: Callable[[int], None] | None = None
     """Tests: called with the number of outer iterations done after each one (after its checkpoint)."""
 
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
-        family = task.split("/", 1)[0]
-        if family not in FAMILIES:
-            raise PopbenchError(f"{cls.name} runs on the {', '.join(FAMILIES)} families (its reference process "
-                                f"is theirs), not on {task}")
         return resolve_hparams(HPARAMS, task, profile)
 
     @classmethod
@@ -551,6 +547,6 @@ class VanillaSB(SBIRR):
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
         hp = dict(super().default_hparams(task, profile), **VANILLA)
-        if task.split("/", 1)[0] in ("eb", "eb300"):
+        if hp["reference"] == "potential_mlp":  # EB (or a task resembling it): their linear potential
             hp.update(VANILLA_EB)
         return hp

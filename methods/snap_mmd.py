@@ -183,12 +183,10 @@ def _compiled():
 class SnapMMD(Method):
     name = "snap_mmd"
     capabilities = Capabilities(interpolate=True, forecast=True, uses_velocities=False, framework="jax",
-                                num_gpus=0.0, stochastic=True)
+                                num_gpus=0.0, stochastic=True, families=("vortex",))
 
     @classmethod
     def default_hparams(cls, task: str, profile: str) -> dict[str, Any]:
-        if task.split("/", 1)[0] != "vortex":
-            raise PopbenchError(f"snap_mmd runs on the vortex family only (its model is a planar vortex), not on {task}")
         return resolve_hparams(HPARAMS, task, profile)
 
     @classmethod

@@ -262,6 +262,26 @@ def test_a_method_asked_only_to_forecast_that_cannot_is_refused(monkeypatch):
     assert plan_jobs("ou_forecast_only/paired", "static", "smoke", [0]).jobs
 
 
+def test_a_method_made_for_some_families_is_offered_them_and_tasks_resembling_them_only():
+    from harness.protocol import PopbenchError
+    from harness.sweep import plan_jobs
+
+    plan = plan_jobs("ou/paired,vortex/interpolation", "snap_mmd,static", "smoke", [0])
+    assert sorted((j.family, j.method) for j in plan.jobs) == \
+        [("ou", "static"), ("vortex", "snap_mmd"), ("vortex", "static")]
+    assert plan.skipped_pairs == ["snap_mmd on ou/paired: it is made for the vortex family only"]
+    with pytest.raises(PopbenchError, match="nothing to run: sbirr on ou/paired: it is made for the vortex, eb, eb300 "
+                                            "families only"):
+        plan_jobs("ou/paired", "sbirr", "smoke", [0])
+    # a plug-in task whose variants resemble the vortex's gets the vortex settings
+    sys.path.insert(0, str(ROOT / "examples" / "plugin"))
+    try:
+        plan = plan_jobs("popbench_example.big_vortex:BigVortex/interpolation", "snap_mmd", "quick", [0])
+    finally:
+        sys.path.remove(str(ROOT / "examples" / "plugin"))
+    assert [j.hparams for j in plan.jobs] == [plan_jobs("vortex/interpolation", "snap_mmd", "quick", [0]).jobs[0].hparams]
+
+
 def test_dry_run_says_what_a_todo_job_left_behind(tmp_path):
     """A failed attempt and a checkpoint without a row (a killed fit) show in the state column."""
     from harness.store import RunStore

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         gpu_name, why = cuda_device()
         if gpu_name is None:
-            print(f"gpu_check: no CUDA device on this machine ({why}); nothing to check.")
+            print(f"gpu_check: no CUDA device visible ({why}); nothing to check.")
             return 0
         import torch
 

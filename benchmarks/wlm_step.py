@@ -39,7 +39,7 @@ it in float64); all three compute the same loss (the gradients differ between fu
 detached); the script prints the loss of each so a reader can see they agree. Timings are
 the minimum over the repeats (the least disturbed by other processes on a shared machine).
 
-Data: the real vortex files when ``POPBENCH_DATA_DIR`` (or ../shared/data) has them, else
+Data: the real vortex files when ``POPBENCH_DATA_DIR`` has them, else
 Gaussian clouds of similar scale; the N = 1000 case uses exact OU marginals relaxing like the
 GF-SDE data (N(0, 0.2 I) under V = 5|x|^2, sigma^2 = 1).
 """

@@ -4,7 +4,7 @@ Everything that crosses the boundary between the harness and a plugin is a NumPy
 one of the frozen dataclasses below. A method may use torch or JAX internally; it receives and
 returns NumPy. The harness, never the method, computes the metric (``harness.metrics``).
 
-Vocabulary (``../shared/spec/protocol.md`` section 1):
+Vocabulary (``docs/protocol.md``):
 
 - :class:`Marginal`: the population observed at one time ``t`` (positions, optional velocities).
 - :class:`TrainData`: every marginal a method may learn from.

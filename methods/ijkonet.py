@@ -1,7 +1,7 @@
 """iJKOnet: inverse optimisation of the JKO step, by a min-max over an energy and a transport map (JAX).
 
-Spec: ``../shared/spec/methods.md`` section 3; paper ``../shared/papers/004_56d38f99c26cbb5c.txt``
-(Persiianov et al. 2025). The energy is potential-only by default (the paper's iJKOnet_V):
+Paper: Persiianov et al. 2025 (iJKOnet); the protocol here is ``docs/protocol.md``. The energy is
+potential-only by default (the paper's iJKOnet_V):
 
     max_θ min_φ  (1/K) Σ_k [ mean_i V_θ(T_φ(x_i, t_k)) − mean_j V_θ(y_j)
                              + (1 / (2 τ_k)) mean_i ‖x_i − T_φ(x_i, t_k)‖² ]

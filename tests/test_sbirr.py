@@ -62,8 +62,14 @@ def test_settings_are_the_authors_and_other_families_are_refused():
         20, "potential_mlp", 0.01, [128, 64, 64])
     assert VanillaSB.default_hparams("eb300/holdout-1", "paper")["reference"] == "constant"
     assert VanillaSB.default_hparams("vortex/forecast", "paper")["reference"] == "vortex"
-    for cls in (SBIRR, VanillaSB):
-        with pytest.raises(PopbenchError, match="not on gf_sde/quadratic-paired"):
+    from harness import registry
+
+    for cls in (SBIRR, VanillaSB):  # made for the vortex and EB families: not offered another's task
+        assert cls.capabilities.families == ("vortex", "eb", "eb300")
+        assert not cls.capabilities.accepts(registry.tasks.load("gf_sde"), "quadratic-paired")
+        assert not cls.capabilities.accepts(registry.tasks.load("boids"), "default")
+        assert cls.capabilities.accepts(registry.tasks.load("eb300"), "holdout-1")
+        with pytest.raises(PopbenchError, match="no 'quick' hyperparameters for task 'gf_sde/quadratic-paired'"):
             cls.default_hparams("gf_sde/quadratic-paired", "quick")
 
 

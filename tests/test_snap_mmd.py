@@ -100,8 +100,13 @@ def test_settings_and_refusals():
     assert (paper["lr"], paper["epochs"], paper["euler_dt"]) == (0.05, 300, 1e-3)
     assert paper["init"] == [0.0, 0.0, -1.5, -1.5, 0.0, 0.0, -1.5, 0.0, 0.01]
     assert SnapMMD.default_hparams("vortex/forecast", "quick") == paper
+    from harness import registry
+
+    assert SnapMMD.capabilities.families == ("vortex",)
     for task in ("eb300/holdout-1", "gf_sde/quadratic-paired", "boids/default"):
-        with pytest.raises(PopbenchError, match="vortex family only"):
+        family, variant = task.split("/")
+        assert not SnapMMD.capabilities.accepts(registry.tasks.load(family), variant)
+        with pytest.raises(PopbenchError, match="no 'quick' hyperparameters"):
             SnapMMD.default_hparams(task, "quick")
     with pytest.raises(ValueError, match="9 numbers"):
         SnapMMD.check_hparams(dict(paper, init=[0.0] * 8))

@@ -745,7 +745,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
         try:
             rollout_figure(run_dir, family, variant, [m for m in learners if (family, m) not in several], path,
                            seed=args.seed, data_dir=args.data_dir, include_partial=args.include_partial,
-                           profile=args.profile)
+                           profile=args.profile, skip_jobs=frozenset(dropped))
             print(f"wrote {path}")
         except PopbenchError as exc:
             print(f"note: no rollout figure for {family}/{variant}: {exc}", file=sys.stderr)

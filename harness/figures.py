@@ -44,14 +44,16 @@ def rollout_panels(run_dir: str | Path, family: str, variant: str, methods: Sequ
     return _rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial, profile)[:3]
 
 
-def _rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial, profile):
+def _rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_partial, profile,
+                    skip_jobs=frozenset()):
     """:func:`rollout_panels`, plus the query each time's panels come from (the first query that
     targets that time: ``boids/unseen-init``'s three mixtures share their times, so its figure
     shows the first mixture) and every query of the task."""
     store = RunStore(run_dir)
     task = registry.tasks.load(family)(variant, seed=seed, data_dir=data_dir)
     preds: dict[str, dict] = {}
-    latest_jobs = store.latest_jobs()  # read rows.jsonl once, not once per method
+    latest_jobs = {k: r for k, r in store.latest_jobs().items()  # rows.jsonl read once, not once per method
+                   if r.get("job_id") not in skip_jobs}
     for m in methods:
         row = _latest(latest_jobs, family, variant, seed, m, ("ok", "partial") if include_partial else ("ok",),
                       profile)
@@ -95,12 +97,14 @@ def _rollout_panels(run_dir, family, variant, methods, seed, data_dir, include_p
 
 def rollout_figure(run_dir: str | Path, family: str, variant: str, methods: Sequence[str], path: str | Path,
                    seed: int = 0, data_dir: str | None = None, max_panels: int = 11,
-                   include_partial: bool = False, profile: str | None = None) -> Path:
+                   include_partial: bool = False, profile: str | None = None,
+                   skip_jobs: frozenset[str] = frozenset()) -> Path:
     """Truth row, then one row per method, columns = target times (every query's targets, in time
     order; at most ``max_panels`` of them, evenly spread); a method that does not answer a time
-    gets an empty panel marked "—". ``include_partial``: as in :func:`rollout_panels`."""
+    gets an empty panel marked "—". ``include_partial``: as in :func:`rollout_panels`; ``skip_jobs``:
+    job ids the figure leaves out (``publish --drop-superseded``'s)."""
     times, truth, by_method, queries, every = _rollout_panels(run_dir, family, variant, methods, seed, data_dir,
-                                                              include_partial, profile)
+                                                              include_partial, profile, skip_jobs)
     names = list(dict.fromkeys(queries))
     shown = (f"query {names[0]}" if len(names) == 1 else "queries " + ", ".join(names))
     others = [q for q in every if q not in names]

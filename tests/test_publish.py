@@ -40,6 +40,8 @@ def test_publish_drops_superseded_settings_only_when_asked(tmp_path):
     assert not any("[" in name for name in _rows((out / "ou.md").read_text()))
     kept = bundle_job_ids(out / BUNDLE)
     assert len(kept) == 2 and kept < published and dropped[0].split(": ", 1)[1] in published - kept
+    # the rollout figure draws the kept jkonet_star (without the drop it refuses to mix two settings)
+    assert "no rollout figure" not in r.stderr and (out / "figures" / "ou_paired_rollouts.png").exists()
 
     # a publication still refuses to lose a job the run does not hold and nobody dropped
     r = run_cli("publish", "--suite", "table1", "--profile", "smoke", "--run", str(tmp_path / "other"),
